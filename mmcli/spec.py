@@ -307,3 +307,15 @@ def load_spec(path: str | Path, model: type[BaseModel], overrides: list[str] | N
     """Load ``path`` as a spec of type ``model`` with ``--set`` overrides applied."""
     data = apply_overrides(read_yaml(path), list(overrides or []))
     return validate(model, data, str(path))
+
+
+SPEC_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainSpec}
+"""Spec type by the first word of a spec file's name (``pretrain.yaml``, ``pretrain-small.yaml``)."""
+
+
+def spec_model_for(path: str | Path) -> type[BaseModel]:
+    """The spec type of a file, judged by its name's first word (see :data:`SPEC_KINDS`)."""
+    stem = Path(path).stem.split("-")[0].split("_")[0]
+    if stem not in SPEC_KINDS:
+        raise MmcliError(f"{path}: cannot tell the spec kind from the file name (expected one of {sorted(SPEC_KINDS)})")
+    return SPEC_KINDS[stem]

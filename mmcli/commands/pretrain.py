@@ -1,0 +1,132 @@
+"""``mmcli pretrain SPEC``: train a dual encoder (and its objectives) from a run spec."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mmcli import __version__
+from mmcli import checkpoint as ckpt
+from mmcli.errors import MmcliError
+from mmcli.spec import PretrainSpec, load_spec
+
+
+class Tokenize:
+    """str → LongTensor[L] with open_clip's tokenizer (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text])[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(spec: PretrainSpec, *, resume: bool, is_main: bool) -> Path:
+    """Check the run folder against ``--resume``/``output.overwrite`` and create it."""
+    run_dir = spec.run_dir()
+    has_run = (run_dir / ckpt.MMCLI_META).is_file() or (run_dir / ckpt.METRICS).is_file()
+    if resume:
+        if not (run_dir / ckpt.TRAIN_STATE).is_file():
+            raise MmcliError(f"{run_dir}: nothing to resume (no {ckpt.TRAIN_STATE}); run without --resume")
+    elif has_run:
+        if not spec.output.overwrite:
+            raise MmcliError(
+                f"{run_dir}: a run already exists there; use --resume to continue it, "
+                f"--set output.overwrite=true to start over, or another output.name"
+            )
+        if is_main:
+            shutil.rmtree(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Run a pretraining spec end to end; return the summary (also printed by the CLI)."""
+    spec: PretrainSpec = load_spec(spec_path, PretrainSpec, overrides)
+    from mmcli.data.batches import make_loader
+    from mmcli.distributed import close_world, init_world
+    from mmcli.models.encoders import build_dual_encoder, count_parameters
+    from mmcli.models.multimodal import MultimodalModel
+    from mmcli.objectives import Pretrainer
+    from mmcli.train import train
+    from mmcli.validation import contrastive_validator
+
+    world = init_world(device)
+    try:
+        if spec.data.batch_size % world.world_size:
+            raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
+        run_dir = prepare_run_dir(spec, resume=resume, is_main=world.is_main)
+        seed_everything(spec.train.seed)
+        encoder = build_dual_encoder(spec.model, device=world.device)
+        model = MultimodalModel(encoder.model).to(world.device)
+        resume_state = None
+        if resume:
+            ckpt.load_weights_into(run_dir, model)
+            resume_state = ckpt.load_train_state(run_dir)
+        if world.is_main:
+            ckpt.atomic_write_text(run_dir / ckpt.SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+            ckpt.save_open_clip_config(run_dir, encoder.model_config, encoder.preprocess_config)
+
+        per_rank = spec.data.batch_size // world.world_size
+        tokenize = Tokenize(encoder.tokenizer)
+
+        def loaders(epoch: int, start_batch: int):
+            return make_loader(
+                spec.data.train, spec.data, encoder.preprocess_train, tokenize,
+                batch_size=per_rank, train=True, seed=spec.train.seed,
+                rank=world.rank, world_size=world.world_size, epoch=epoch, start_batch=start_batch,
+            )
+
+        per_epoch = len(loaders(0, 0))
+        if per_epoch == 0:
+            raise MmcliError(f"{spec.data.train.path}: fewer samples than one batch ({spec.data.batch_size})")
+        validate = None
+        if spec.data.val is not None:
+            val_loader = make_loader(
+                spec.data.val, spec.data, encoder.preprocess_val, tokenize,
+                batch_size=per_rank, train=False, seed=spec.train.seed, limit=spec.data.val_max,
+            )
+            validate = contrastive_validator(val_loader, world.device)
+        meta = {"mmcli_version": __version__, "arch": spec.model.arch, "kind": "pretrain", "modules": {}}
+        result = train(
+            Pretrainer(model, spec.objectives.enabled(), world),
+            model=model,
+            weights={k: v.weight for k, v in spec.objectives.enabled().items()},
+            loaders=loaders,
+            batches_per_epoch=per_epoch,
+            spec=spec.train,
+            world=world,
+            run_dir=run_dir,
+            meta=meta,
+            validate=validate,
+            resume=resume_state,
+            progress_label="pretrain",
+        )
+        return {
+            "run_dir": str(run_dir),
+            "arch": spec.model.arch,
+            "parameters": count_parameters(model),
+            "steps": result.steps,
+            "interrupted": result.interrupted,
+            "samples_per_s": round(result.samples_per_s, 1),
+            "world_size": world.world_size,
+            "device": str(world.device),
+            "train": result.last_metrics,
+            "val": result.last_validation,
+        }
+    finally:
+        close_world(world)

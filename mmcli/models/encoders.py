@@ -1,0 +1,133 @@
+"""Dual encoders from open_clip: mmcli presets, inline configs, local or hub weights.
+
+The presets are ordinary open_clip model configs (``configs/*.json``) registered with
+``open_clip.add_model_config``, so every mmcli model is also an open_clip model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import open_clip
+import torch
+from torch import nn
+
+from mmcli.errors import MmcliError
+from mmcli.spec import ModelSpec
+
+PRESET_DIR = Path(__file__).parent / "configs"
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+_registered = False
+
+
+def register_presets() -> None:
+    """Make the mmcli presets (``mmcli-tiny``, …) known to open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(PRESET_DIR)
+        _registered = True
+
+
+def register_config(name: str, config: dict[str, Any]) -> None:
+    """Register an inline open_clip model config under ``name``."""
+    folder = Path(tempfile.mkdtemp(prefix="mmcli-config-"))
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+
+
+@dataclass
+class DualEncoder:
+    """An open_clip model with everything needed to feed it."""
+
+    model: nn.Module
+    """The open_clip ``CLIP`` module."""
+    preprocess_train: Callable
+    """PIL image → tensor, with open_clip's training augmentation."""
+    preprocess_val: Callable
+    """PIL image → tensor, deterministic."""
+    tokenizer: Callable
+    """list[str] → LongTensor[B, context_length]."""
+    model_config: dict[str, Any]
+    """The open_clip model config the model was built from."""
+    preprocess_config: dict[str, Any]
+    """The open_clip preprocess config (image size, mean, std, interpolation, resize mode)."""
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    # open_clip logs "model initialized randomly" as a warning; that is the normal case here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _is_local_file(value: str) -> bool:
+    return Path(value).expanduser().is_file()
+
+
+def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -> DualEncoder:
+    """Build the dual encoder named by ``spec`` (random init, a local file, or a hub tag)."""
+    register_presets()
+    if spec.config is not None:
+        register_config(spec.arch, spec.config)
+    if spec.arch not in open_clip.list_models() and not spec.arch.startswith(("hf-hub:", "local-dir:")):
+        raise MmcliError(
+            f"model.arch: unknown architecture {spec.arch!r}; use an open_clip.list_models() name, "
+            f"an mmcli preset ({', '.join(PRESETS)}), or give model.config"
+        )
+    pretrained = spec.pretrained
+    if pretrained is not None and pretrained.startswith("hf-hub:"):
+        arch, pretrained = pretrained, None
+    else:
+        arch = spec.arch
+    if pretrained is not None and not _is_local_file(pretrained):
+        if "/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            raise MmcliError(f"model.pretrained: no such file {pretrained!r}")
+    try:
+        with _quiet_open_clip():
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                arch,
+                pretrained=str(Path(pretrained).expanduser()) if pretrained and _is_local_file(pretrained) else pretrained,
+                device=device,
+                weights_only=True,
+            )
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise _weights_error(spec, exc) from None
+    tokenizer = open_clip.get_tokenizer(arch)
+    return DualEncoder(
+        model=model,
+        preprocess_train=pre_train,
+        preprocess_val=pre_val,
+        tokenizer=tokenizer,
+        model_config=open_clip.get_model_config(arch) or {},
+        preprocess_config=dict(model.visual.preprocess_cfg),
+    )
+
+
+def _weights_error(spec: ModelSpec, exc: Exception) -> MmcliError:
+    """An actionable message when weights cannot be had (usually: offline)."""
+    what = spec.pretrained or spec.arch
+    if spec.pretrained and not _is_local_file(spec.pretrained):
+        return MmcliError(
+            f"model.pretrained: could not get weights {what!r} for {spec.arch!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}). Offline? Download them on a connected machine, e.g. "
+            f"`python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{what}')\"` "
+            f"(cached under ~/.cache/huggingface), or fetch the .safetensors file and set "
+            f"model.pretrained to its local path"
+        )
+    return MmcliError(f"model: could not build {spec.arch!r} from {what!r}: {str(exc).splitlines()[0][:200]}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
