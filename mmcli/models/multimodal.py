@@ -19,6 +19,13 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.clip = clip
 
+    @classmethod
+    def from_modules(cls, clip: nn.Module, modules: dict) -> "MultimodalModel":
+        """Rebuild a model with the extra modules a run folder's ``mmcli.json`` lists."""
+        if modules:
+            raise ValueError(f"unknown extra modules {sorted(modules)}")
+        return cls(clip)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pooled image embeddings [B, D]."""
         return self.clip.encode_image(images, normalize=normalize)

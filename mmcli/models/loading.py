@@ -1,0 +1,93 @@
+"""Load a model for inference from a run folder or an ``ARCH[:PRETRAINED]`` reference."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmcli import checkpoint as ckpt
+from mmcli.errors import MmcliError
+from mmcli.models.multimodal import MultimodalModel
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed, with what is needed to feed it and to name it in an index."""
+
+    model: MultimodalModel
+    preprocess: Callable
+    """PIL image → tensor (deterministic, open_clip's validation transform)."""
+    tokenizer: Callable
+    """list[str] → LongTensor[B, L]."""
+    ref: str
+    """The reference the model was loaded from (a run folder or ``ARCH[:PRETRAINED]``)."""
+    arch: str
+    checksum: str
+    """``sha256:…`` of the dual encoder's weights file, or of the architecture name for a random init."""
+    meta: dict[str, Any]
+    """The run folder's ``mmcli.json`` (empty for a bare architecture)."""
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.model.clip.visual.preprocess_cfg["size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def is_run_dir(ref: str | Path) -> bool:
+    """True when ``ref`` is a folder written by ``mmcli pretrain``/``fuse``."""
+    return (Path(ref) / ckpt.MMCLI_META).is_file()
+
+
+def load_model(ref: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a run folder (with its extra modules) or build ``ARCH[:PRETRAINED]``; eval mode."""
+    if is_run_dir(ref):
+        loaded = _load_run(Path(ref), device)
+    elif Path(ref).exists():
+        raise MmcliError(f"{ref}: not an mmcli run folder (no {ckpt.MMCLI_META})")
+    else:
+        loaded = _load_arch(ref, device)
+    loaded.model.eval()
+    return loaded
+
+
+def _load_run(run_dir: Path, device) -> LoadedModel:
+    import open_clip
+
+    from mmcli.models.encoders import _quiet_open_clip
+
+    meta = ckpt.read_meta(run_dir)
+    with _quiet_open_clip():
+        clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir}", device="cpu")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir}")
+    model = MultimodalModel.from_modules(clip, meta.get("modules", {}))
+    ckpt.load_weights_into(run_dir, model)
+    return LoadedModel(
+        model=model.to(device), preprocess=preprocess, tokenizer=tokenizer, ref=str(run_dir.resolve()),
+        arch=meta.get("arch", "?"), checksum=meta.get("checksum") or ckpt.file_checksum(run_dir / ckpt.OPEN_CLIP_WEIGHTS),
+        meta=meta,
+    )
+
+
+def _load_arch(ref: str, device) -> LoadedModel:
+    from mmcli.models.encoders import build_dual_encoder
+    from mmcli.spec import ModelSpec
+
+    arch, _, pretrained = ref.partition(":") if not ref.startswith("hf-hub:") else (ref, "", "")
+    if not pretrained and not arch.startswith("hf-hub:"):
+        raise MmcliError(
+            f"--model {ref}: an architecture without weights embeds nothing useful; give a run folder "
+            f"(runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag)"
+        )
+    encoder = build_dual_encoder(ModelSpec(arch=arch, pretrained=pretrained or None), device="cpu")
+    if pretrained and Path(pretrained).is_file():
+        checksum = ckpt.file_checksum(Path(pretrained))
+    else:  # a hub tag names fixed published weights
+        checksum = "sha256:" + hashlib.sha256(f"{arch}:{pretrained}".encode()).hexdigest()
+    return LoadedModel(
+        model=MultimodalModel(encoder.model).to(device), preprocess=encoder.preprocess_val, tokenizer=encoder.tokenizer,
+        ref=ref, arch=arch, checksum=checksum, meta={},
+    )
