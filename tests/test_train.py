@@ -25,7 +25,7 @@ data:
   workers: 0
 train:
   steps: {steps}
-  lr: 2.0e-3
+  lr: {lr}
   warmup_steps: 2
   log_every: 1
   seed: 0
@@ -35,9 +35,9 @@ output:
 """
 
 
-def write_spec(tmp_path: Path, data: Path, *, steps: int, name: str) -> Path:
+def write_spec(tmp_path: Path, data: Path, *, steps: int, name: str, lr: float = 2e-3) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SPEC.format(data=data, steps=steps, out=tmp_path / "runs", name=name))
+    path.write_text(SPEC.format(data=data, steps=steps, out=tmp_path / "runs", name=name, lr=lr))
     return path
 
 
@@ -72,13 +72,14 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_pretrain_learns_and_loads_in_open_clip(tmp_path, shapes_dir):
     from mmcli.commands.pretrain import run
 
-    result = run(write_spec(tmp_path, shapes_dir, steps=24, name="learn"), [], device="cpu")
+    result = run(write_spec(tmp_path, shapes_dir, steps=60, name="learn", lr=1e-3), [], device="cpu")
     run_dir = Path(result["run_dir"])
     rows = [m for m in _metrics(run_dir) if m["kind"] == "train"]
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.3, (first, last)  # it learns, not just runs
     val = result["val"]
-    assert val["image_to_text_R@1"] > val["chance_R@1"]
+    # Held-out pairs: a model that learned nothing scores log(N), the loss of uniform guessing.
+    assert val["val_loss"] < math.log(val["val_pairs"]) - 0.5, val
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "metrics.jsonl", "mmcli.json", "open_clip_config.json", "open_clip_model.safetensors", "spec.yaml", "train_state.pt",
     ]
