@@ -73,7 +73,7 @@ def emit(result: dict[str, Any], as_json: bool, render) -> None:
 def data_shapes(
     out: Annotated[Path, typer.Option("--out", help="Output folder.", show_default=False)],
     n: Annotated[int, typer.Option("--n", min=1, help="Training images (val/test/classify are sized from it).")] = 2000,
-    size: Annotated[int, typer.Option("--size", min=16, help="Image side in pixels.")] = 64,
+    size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
