@@ -1,0 +1,101 @@
+"""Contact sheet: the top-k images of a search as one PNG, each labelled with rank and score."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 8
+"""Pixels between tiles and around the sheet."""
+LABEL_HEIGHT = 34
+"""Pixels under each thumbnail for its two label lines (rank and score, file name)."""
+TITLE_HEIGHT = 28
+"""Pixels above the tiles for the title."""
+BACKGROUND = (255, 255, 255)
+TILE_BACKGROUND = (235, 235, 235)
+UNREADABLE = (128, 128, 128)
+TEXT = (20, 20, 20)
+
+
+def sheet_size(count: int, *, thumb: int = 160, cols: int = 5) -> tuple[int, int]:
+    """(width, height) in pixels of a sheet of ``count`` tiles, ``cols`` per row."""
+    rows = math.ceil(count / cols)
+    width = PAD + min(max(count, 1), cols) * (thumb + PAD)
+    height = TITLE_HEIGHT + PAD + rows * (thumb + LABEL_HEIGHT + PAD)
+    return width, height
+
+
+def contact_sheet(
+    image_paths: Sequence[Union[str, Path]],
+    scores: Sequence[float],
+    out: Union[str, Path],
+    *,
+    title: str,
+    thumb: int = 160,
+    cols: int = 5,
+) -> Path:
+    """Write a PNG of ``image_paths`` in rank order, each labelled "#rank  score" and its name.
+
+    Images that cannot be read are drawn as a grey tile labelled "unreadable"; the sheet is
+    always written. Returns ``out``.
+    """
+    if len(image_paths) != len(scores):
+        raise ValueError(f"{len(image_paths)} images for {len(scores)} scores")
+    sheet = Image.new("RGB", sheet_size(len(image_paths), thumb=thumb, cols=cols), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((PAD, PAD // 2), _fit(title, sheet.width - 2 * PAD, font), fill=TEXT, font=font)
+    for rank, (path, score) in enumerate(zip(image_paths, scores), start=1):
+        x = PAD + ((rank - 1) % cols) * (thumb + PAD)
+        y = TITLE_HEIGHT + PAD + ((rank - 1) // cols) * (thumb + LABEL_HEIGHT + PAD)
+        _draw_tile(sheet, draw, font, (x, y), thumb, path, f"#{rank}  {score:.3f}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG")
+    return out
+
+
+def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tuple[int, int],
+               thumb: int, path: Union[str, Path], caption: str) -> None:
+    x, y = corner
+    image = open_thumbnail(path, thumb)
+    name = os.path.basename(os.fspath(path))
+    if image is None:
+        draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=UNREADABLE)
+        left, top, right, bottom = draw.textbbox((0, 0), "unreadable", font=font)
+        centre = (x + (thumb - right + left) // 2, y + (thumb - bottom + top) // 2)
+        draw.text(centre, "unreadable", fill=(255, 255, 255), font=font)
+    else:
+        draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=TILE_BACKGROUND)
+        sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
+    draw.text((x, y + thumb + 3), caption, fill=TEXT, font=font)
+    draw.text((x, y + thumb + 18), _fit(name, thumb, font), fill=TEXT, font=font)
+
+
+def open_thumbnail(path: Union[str, Path], size: int) -> Optional[Image.Image]:
+    """``path`` as an RGB image fitting in size×size, or None when it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            # A decompression-bomb warning on a huge image is not a reason to stop a search.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (size, size))  # JPEG: decode at reduced size, much faster
+                image = image.convert("RGB")
+        image.thumbnail((size, size))
+        return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # missing, truncated or not an image: drawn as an "unreadable" tile
+
+
+def _fit(text: str, width: int, font) -> str:
+    """``text`` cut with an ellipsis so that it fits in ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."

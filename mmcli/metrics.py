@@ -1,0 +1,369 @@
+"""Evaluation metrics as pure functions.
+
+Inputs are numpy arrays or torch tensors (any device; converted by :func:`to_numpy`). Only
+:func:`linear_probe`, which trains a classifier, imports torch.
+
+Ties count against the model in retrieval, zero-shot and matching: an item scoring exactly as
+much as the right answer is ranked before it, so a model that gives every candidate the same
+score gets no credit. (Masked-token accuracy takes the argmax over the vocabulary.)
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+ArrayLike = Any  # numpy array, torch tensor or nested sequence
+
+
+def to_numpy(x: ArrayLike) -> np.ndarray:
+    """``x`` as a numpy array; torch tensors are detached and moved to the CPU (bf16 → fp32)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _float_matrix(x: ArrayLike, name: str) -> np.ndarray:
+    x = np.asarray(to_numpy(x), dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return x
+
+
+def _labels(x: ArrayLike, n_classes: int, name: str = "labels") -> np.ndarray:
+    x = np.asarray(to_numpy(x)).astype(np.int64).reshape(-1)
+    if x.size and (x.min() < 0 or x.max() >= n_classes):
+        raise ValueError(f"{name} must be in [0, {n_classes}), found {x.min()}..{x.max()}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# retrieval
+# --------------------------------------------------------------------------------------------
+
+
+def retrieval_recall(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: ArrayLike,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 4096,
+) -> dict[str, float]:
+    """Image→text and text→image recall@K, as in the CLIP paper.
+
+    ``image_emb`` N×D and ``text_emb`` M×D are L2-normalised; ``text_to_image`` (M ints) is
+    the image each text describes. A text is a hit at K if its image is among the K images
+    most similar to it; an image is a hit at K if ANY of its captions is among its K most
+    similar texts (images without a caption are left out). Scores are computed ``chunk``
+    rows at a time, never as a full N×M matrix.
+
+    Returns ``{"image_to_text_R@1": .., .., "text_to_image_R@1": .., ..}``.
+    """
+    images, texts = _float_matrix(image_emb, "image_emb"), _float_matrix(text_emb, "text_emb")
+    owner = _labels(text_to_image, len(images), "text_to_image")
+    if len(owner) != len(texts):
+        raise ValueError(f"text_to_image has {len(owner)} entries for {len(texts)} texts")
+    ranks = {"image_to_text": _image_to_text_ranks(images, texts, owner, chunk),
+             "text_to_image": _text_to_image_ranks(images, texts, owner, chunk)}
+    return {f"{direction}_R@{k}": float(np.mean(r < k)) for direction, r in ranks.items() for k in ks}
+
+
+def _text_to_image_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, chunk: int) -> np.ndarray:
+    """For each text: how many other images score at least as high as its own image."""
+    ranks = []
+    for start in range(0, len(texts), chunk):
+        scores = texts[start : start + chunk] @ images.T
+        rows, mine = np.arange(len(scores)), owner[start : start + chunk]
+        true = scores[rows, mine].copy()
+        scores[rows, mine] = -np.inf
+        ranks.append(np.count_nonzero(scores >= true[:, None], axis=1))
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def _image_to_text_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, chunk: int) -> np.ndarray:
+    """For each captioned image: how many other images' texts score at least as high as its best caption."""
+    ranks = []
+    for start in range(0, len(images), chunk):
+        scores = images[start : start + chunk] @ texts.T
+        captions = np.flatnonzero((owner >= start) & (owner < start + len(scores)))
+        rows = owner[captions] - start
+        best = np.full(len(scores), -np.inf, np.float32)
+        np.maximum.at(best, rows, scores[rows, captions])
+        scores[rows, captions] = -np.inf  # an image's own captions never count against it
+        has_caption = np.bincount(rows, minlength=len(scores)) > 0
+        ranks.append(np.count_nonzero(scores >= best[:, None], axis=1)[has_caption])
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# classification
+# --------------------------------------------------------------------------------------------
+
+
+def class_scores(scores: Union[ArrayLike, tuple[ArrayLike, ArrayLike]]) -> np.ndarray:
+    """N×C scores from logits, or from a pair (image_emb N×D, class_emb C×D) by dot product."""
+    if isinstance(scores, tuple):
+        images, classes = _float_matrix(scores[0], "image_emb"), _float_matrix(scores[1], "class_emb")
+        return images @ classes.T
+    return _float_matrix(scores, "logits")
+
+
+def true_class_rank(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """For each row of ``logits`` (N×C): how many other classes score at least as high as ``labels``."""
+    true = logits[np.arange(len(logits)), labels]
+    return np.count_nonzero(logits >= true[:, None], axis=1) - 1
+
+
+def zero_shot_accuracy(
+    scores: Union[ArrayLike, tuple[ArrayLike, ArrayLike]], labels: ArrayLike, n_classes: int
+) -> dict[str, Optional[float]]:
+    """Top-1, top-5 and mean per-class recall of zero-shot classification.
+
+    ``scores`` are logits N×C, or ``(image_emb N×D, class_emb C×D)`` (class_emb: the text
+    embedding of each class prompt); ``labels`` N ints in [0, C). ``top5`` is None when there
+    are fewer than 5 classes. Mean per-class recall averages the top-1 accuracy of each class
+    that has test examples, so a large class cannot hide a failing small one.
+    """
+    logits = class_scores(scores)
+    labels = _labels(labels, n_classes)
+    if logits.shape != (len(labels), n_classes):
+        raise ValueError(f"scores must be {len(labels)}×{n_classes}, got {logits.shape}")
+    rank = true_class_rank(logits, labels)
+    return {"top1": float(np.mean(rank < 1)),
+            "top5": float(np.mean(rank < 5)) if n_classes >= 5 else None,
+            "mean_per_class_recall": mean_per_class_recall(rank < 1, labels),
+            "n": len(labels)}
+
+
+def mean_per_class_recall(hits: ArrayLike, labels: ArrayLike) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of their ``hits`` (bools)."""
+    hits, labels = np.asarray(hits, dtype=np.float64), np.asarray(labels)
+    present = np.unique(labels)
+    return float(np.mean([hits[labels == c].mean() for c in present])) if present.size else 0.0
+
+
+def confusion_matrix(pred: ArrayLike, labels: ArrayLike, n_classes: int) -> np.ndarray:
+    """C×C counts: row = true class, column = predicted class."""
+    pred, labels = _labels(pred, n_classes, "pred"), _labels(labels, n_classes)
+    if pred.shape != labels.shape:
+        raise ValueError(f"{len(pred)} predictions for {len(labels)} labels")
+    return np.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def plot_confusion(matrix: ArrayLike, class_names: Sequence[str], path: Union[str, Path], *, title: str = "") -> Path:
+    """Save ``matrix`` (C×C counts) as a PNG heat map coloured by recall (row-normalised).
+
+    Counts are written in the cells up to 30 classes; the figure grows with C so that the
+    (rotated) class names stay readable.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix)
+    n = len(class_names)
+    if counts.shape != (n, n):
+        raise ValueError(f"matrix must be {n}×{n} for {n} class names, got {counts.shape}")
+    recall = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = max(4.0, 0.4 * n + 2.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    FigureCanvasAgg(fig)  # attaches a non-interactive canvas; no global backend is changed
+    ax = fig.add_subplot()
+    image = ax.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="recall (row-normalised)")
+    fontsize = max(5, min(10, 240 // max(n, 1)))
+    ax.set_xticks(range(n), labels=class_names, rotation=60, ha="right", fontsize=fontsize)
+    ax.set_yticks(range(n), labels=class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 30:
+        _annotate_counts(ax, counts, recall, fontsize)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _annotate_counts(ax, counts: np.ndarray, recall: np.ndarray, fontsize: int) -> None:
+    for (row, col), count in np.ndenumerate(counts):
+        if count:
+            colour = "white" if recall[row, col] > 0.5 else "black"  # stays legible on dark cells
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=fontsize, color=colour)
+
+
+# --------------------------------------------------------------------------------------------
+# linear probe
+# --------------------------------------------------------------------------------------------
+
+
+def sample_shots(labels: ArrayLike, k: Optional[int], *, seed: int) -> np.ndarray:
+    """Sorted indices of ``k`` examples per class (all of a class that has fewer; k=None: all).
+
+    Each class's examples are shuffled once per seed and the first k taken, so with one seed
+    the 1-shot set is inside the 2-shot set, and so on.
+    """
+    labels = np.asarray(to_numpy(labels)).reshape(-1)
+    if k is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def linear_probe(
+    train_x: ArrayLike,
+    train_y: ArrayLike,
+    test_x: ArrayLike,
+    test_y: ArrayLike,
+    *,
+    n_classes: int,
+    shots: Sequence[Optional[int]] = (1, 2, 4, 8, 16, None),
+    seed: int = 0,
+    steps: int = 200,
+    weight_decay: float = 1e-3,
+) -> dict[Optional[int], float]:
+    """Test accuracy of a logistic regression on frozen features, for each few-shot size.
+
+    ``train_x`` N×D, ``train_y`` N ints, ``test_x`` M×D, ``test_y`` M ints. For each ``k`` in
+    ``shots`` the classifier sees :func:`sample_shots` (k per class, seeded; None = all) of
+    the features standardised with the mean and std of all of ``train_x``, and is fitted by
+    full-batch L-BFGS (``steps`` iterations) on cross-entropy + ``weight_decay``/2·‖W‖². Returns {k: acc}.
+    """
+    x, tx = _float_matrix(train_x, "train_x"), _float_matrix(test_x, "test_x")
+    y, ty = _labels(train_y, n_classes, "train_y"), _labels(test_y, n_classes, "test_y")
+    # Statistics of all training features (no labels): a 1-shot sample's own spread would
+    # blow up noise dimensions as much as the informative ones.
+    mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
+    x, tx = (x - mean) / std, (tx - mean) / std
+    results = {}
+    for k in shots:
+        chosen = sample_shots(y, k, seed=seed)
+        predict = _fit_logistic(x[chosen], y[chosen], n_classes, steps=steps, weight_decay=weight_decay)
+        results[k] = float(np.mean(predict(tx) == ty))
+    return results
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, weight_decay: float):
+    """Fit a multinomial logistic regression; return a function features → class."""
+    import torch
+
+    features, targets = torch.from_numpy(x).double(), torch.from_numpy(y)
+    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weight + bias, targets)
+        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+    def predict(test: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = torch.from_numpy(test).double() @ weight + bias
+        return logits.argmax(1).numpy()
+
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# VQA, matching, masked language modelling
+# --------------------------------------------------------------------------------------------
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower case, punctuation dropped, articles dropped, number words as digits (VQA style)."""
+    words = _PUNCTUATION.sub("", answer.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(pred: Sequence[str], gold: Sequence[str], types: Sequence[str]) -> dict[str, Any]:
+    """Exact-match accuracy of normalised answers, overall and per question type.
+
+    ``pred``, ``gold`` and ``types`` are aligned lists (one entry per question). Returns
+    ``{"overall": .., "per_type": {type: ..}, "n": .., "n_per_type": {type: count}}``.
+    """
+    if not len(pred) == len(gold) == len(types):
+        raise ValueError(f"{len(pred)} predictions, {len(gold)} answers and {len(types)} types")
+    hits = np.array([normalize_answer(p) == normalize_answer(g) for p, g in zip(pred, gold)], dtype=bool)
+    kinds = np.asarray(types, dtype=object)
+    names = sorted(set(types))
+    return {"overall": float(hits.mean()) if hits.size else 0.0,
+            "per_type": {t: float(hits[kinds == t].mean()) for t in names},
+            "n": int(hits.size),
+            "n_per_type": {t: int(np.sum(kinds == t)) for t in names}}
+
+
+def majority_baseline(train_answers: Sequence[str], gold: Sequence[str], types: Sequence[str]) -> dict[str, Any]:
+    """:func:`vqa_accuracy` of always answering the most frequent (normalised) training answer.
+
+    Ties go to the alphabetically first answer; the answer is returned under ``"answer"``.
+    """
+    counts = Counter(normalize_answer(a) for a in train_answers)
+    if not counts:
+        raise ValueError("majority_baseline needs at least one training answer")
+    answer = min(counts, key=lambda a: (-counts[a], a))
+    return {"answer": answer, **vqa_accuracy([answer] * len(gold), gold, types)}
+
+
+def itm_accuracy(scores: ArrayLike, labels: ArrayLike, *, threshold: float = 0.0) -> float:
+    """Image–text matching accuracy; ``labels`` N ints, 1 = the pair matches.
+
+    ``scores`` are N×2 logits (column 1 = match) or N match scores/logits, a match when above
+    ``threshold``. An undecided pair (equal logits, a score equal to the threshold) is wrong.
+    """
+    scores, labels = to_numpy(scores), _labels(labels, 2)
+    if scores.ndim == 2 and scores.shape[1] == 2:
+        margin = scores[:, 1] - scores[:, 0]
+    elif scores.ndim == 1:
+        margin = scores - threshold
+    else:
+        raise ValueError(f"scores must be N×2 logits or N scores, got shape {scores.shape}")
+    if len(margin) != len(labels):
+        raise ValueError(f"{len(margin)} scores for {len(labels)} labels")
+    correct = (margin != 0) & ((margin > 0) == labels.astype(bool))
+    return float(np.mean(correct)) if len(labels) else 0.0
+
+
+def mlm_accuracy(
+    logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100, groups: Optional[ArrayLike] = None
+) -> dict[str, Any]:
+    """Accuracy of masked-token predictions over the positions whose label is not ``ignore_index``.
+
+    ``logits`` …×V (e.g. B×L×V), ``labels`` … (B×L); ``groups`` optional names of the same
+    shape as ``labels`` (e.g. "noun", "verb") for a per-group accuracy. Returns
+    ``{"accuracy": .. or None when no position is scored, "n": .., "per_group": {..}}``.
+    """
+    pred = to_numpy(logits.argmax(-1)) if hasattr(logits, "detach") else np.argmax(logits, axis=-1)
+    labels = np.asarray(to_numpy(labels))
+    if pred.shape != labels.shape:
+        raise ValueError(f"logits {pred.shape}×V do not match labels {labels.shape}")
+    scored = labels != ignore_index
+    correct = (pred == labels) & scored
+    out: dict[str, Any] = {"accuracy": _ratio(correct.sum(), scored.sum()), "n": int(scored.sum())}
+    if groups is not None:
+        names = np.asarray(groups, dtype=object).reshape(labels.shape)
+        out["per_group"] = {g: _ratio(correct[names == g].sum(), (scored & (names == g)).sum())
+                            for g in sorted(set(names[scored].tolist()))}
+    return out
+
+
+def _ratio(num: int, den: int) -> Optional[float]:
+    return float(num / den) if den else None
