@@ -49,8 +49,115 @@ def clip_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, worl
     return contrastive_loss(image, text, outputs["logit_scale"])
 
 
+def masked_lm_loss(out) -> torch.Tensor:
+    """Mean cross-entropy over the selected positions (the source's Σ_{i∈M} −log P(w_i | w_\\M),
+    divided by |M| so the loss does not grow with the batch); 0 when nothing was selected."""
+    if out.targets.numel() == 0:
+        return out.logits.sum() * 0.0
+    return F.cross_entropy(out.logits.float(), out.targets)
+
+
+def mask_text(model: nn.Module, texts: torch.Tensor, prob: float, generator: torch.Generator | None = None):
+    """``(inputs, labels)`` of :func:`mmcli.data.masking.mask_tokens` with the model's [MASK] id;
+    random replacements come from the tokenizer's vocabulary (never [MASK] or a special id)."""
+    from mmcli.data.masking import mask_tokens
+    from mmcli.models.multimodal import SPECIAL_IDS
+
+    return mask_tokens(texts, mask_id=model.mask_token_id, vocab_size=model.mask_token_id,
+                       special_ids=SPECIAL_IDS, prob=prob, generator=generator)
+
+
+def mlm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
+    """Text-only MLM: the bidirectional text tower and the tied MLM head."""
+    masked, labels = mask_text(model, batch["texts"], spec.prob)
+    return masked_lm_loss(model.mlm_logits(masked, labels))
+
+
+def mmlm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
+    """Image-conditioned MLM (ALBEF): masked text states read the patch tokens in the fusion
+    encoder, then the MLM head predicts the masked tokens."""
+    masked, labels = mask_text(model, batch["texts"], spec.prob)
+    return masked_lm_loss(model.mlm_logits(masked, labels, outputs["image_tokens"]))
+
+
+def hard_negatives(similarity: torch.Tensor, excluded: torch.Tensor, generator: torch.Generator | None = None):
+    """For each row i, a column j drawn with probability ∝ softmax_j(similarity[i]) among the
+    columns not ``excluded`` [N, N] (the positive and every duplicate of it).
+
+    Returns ``(index [N], valid [N])``; a row with no allowed column gets ``valid`` False (and
+    its own index, to be ignored)."""
+    weights = similarity.float().softmax(dim=1).masked_fill(excluded, 0.0)
+    valid = weights.sum(dim=1) > 0
+    # multinomial refuses an all-zero row; such a row draws anything and is then pointed at itself.
+    weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
+    index = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    rows = torch.arange(len(weights), device=weights.device) % weights.shape[1]
+    return torch.where(valid, index, rows), valid
+
+
+def itm_pairs(outputs: dict, texts: torch.Tensor, generator: torch.Generator | None = None):
+    """ALBEF's ITM batch: ``(image_index, text_index, labels)`` of 3N pairs — the N positives,
+    each image with a hard negative text, each text with a hard negative image. Negatives whose
+    row had no allowed candidate are labelled ``IGNORE_INDEX``."""
+    from mmcli.data.masking import IGNORE_INDEX
+
+    with torch.no_grad():
+        sim = outputs["logit_scale"] * outputs["image_features"] @ outputs["text_features"].T
+        same = (texts[:, None, :] == texts[None, :, :]).all(dim=-1)  # identical captions
+        neg_text, text_ok = hard_negatives(sim, same, generator)
+        neg_image, image_ok = hard_negatives(sim.T, same, generator)
+    n = len(texts)
+    rows = torch.arange(n, device=texts.device)
+    ones, zeros = torch.ones_like(rows), torch.zeros_like(rows)
+    labels = torch.cat([ones, zeros.masked_fill(~text_ok, IGNORE_INDEX), zeros.masked_fill(~image_ok, IGNORE_INDEX)])
+    return torch.cat([rows, rows, neg_image]), torch.cat([rows, neg_text, rows]), labels
+
+
+def _shared_text_states(model: nn.Module, outputs: dict, texts: torch.Tensor) -> torch.Tensor:
+    # ITM and MIM both read the unmasked captions' states: computed once per step.
+    if "text_states" not in outputs:
+        outputs["text_states"] = model.text_states(texts)
+    return outputs["text_states"]
+
+
+def itm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
+    """Image–text matching on fused pooled features with in-batch hard negatives (ALBEF)."""
+    texts = batch["texts"]
+    images, captions, labels = itm_pairs(outputs, texts)
+    states = _shared_text_states(model, outputs, texts)
+    inputs = model.fusion_inputs(
+        texts[captions], states[captions], image_tokens=_take(outputs.get("image_tokens"), images),
+        image_pooled=outputs["image_features"][images], text_pooled=outputs["text_features"][captions],
+    )
+    return F.cross_entropy(model.itm_head(model.fusion(inputs)).float(), labels)
+
+
+def _take(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor[index]
+
+
+def mim_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
+    """Masked image modelling: predict the clean patch tokens (detached) at blanked patches from
+    the masked image's tokens and the text, through the fusion encoder."""
+    from mmcli.models.mim import blank_patches, mim_loss, random_patch_mask
+
+    images, texts, target = batch["images"], batch["texts"], outputs["image_tokens"].detach()
+    mask = random_patch_mask(len(images), target.shape[1], spec.ratio, device=images.device)
+    _, tokens = model.encode_image_tokens(blank_patches(images, mask, model.clip.visual.patch_size))
+    inputs = model.fusion_inputs(texts, _shared_text_states(model, outputs, texts), image_tokens=tokens)
+    fused = model.fusion.forward_tokens(inputs)
+    predicted = model.mim_head(tokens, fused, inputs["text_mask"], mask)
+    return mim_loss(predicted, target[mask], spec.loss)
+
+
 Objective = Callable[[nn.Module, dict, dict, Any, World], torch.Tensor]
-OBJECTIVES: dict[str, Objective] = {"clip": clip_objective}
+OBJECTIVES: dict[str, Objective] = {
+    "clip": clip_objective,
+    "mlm": mlm_objective,
+    "mmlm": mmlm_objective,
+    "itm": itm_objective,
+    "mim": mim_objective,
+}
 
 
 class Pretrainer(nn.Module):
@@ -67,6 +174,8 @@ class Pretrainer(nn.Module):
         self.model = model
         self.specs = dict(objectives)
         self.world = world
+        # Without the contrastive loss a text-only objective leaves the image tower idle.
+        self.find_unused = "clip" not in self.specs
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         outputs = self.model(batch["images"], batch["texts"])

@@ -115,11 +115,70 @@ class ClipObjectiveSpec(Section):
     """With several ranks, gather features from all ranks with gradients (global negatives)."""
 
 
+class MlmObjectiveSpec(Section):
+    """Text-only masked language modelling: the text tower read bidirectionally, a tied MLM head."""
+
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this loss in the total."""
+
+    prob: float = Field(0.15, gt=0, le=1)
+    """Share of each caption's tokens selected for prediction (of those: 80% [MASK], 10% a random
+    token, 10% unchanged)."""
+
+
+class MmlmObjectiveSpec(Section):
+    """Image-conditioned MLM: masked text states read the image's patch tokens through the fusion
+    encoder before the (shared, tied) MLM head predicts the masked tokens. Needs ``fusion``."""
+
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this loss in the total."""
+
+    prob: float = Field(0.15, gt=0, le=1)
+    """Share of each caption's tokens selected for prediction (80/10/10 as in ``mlm``)."""
+
+
+class ItmObjectiveSpec(Section):
+    """Image–text matching on fused features: each pair plus one hard negative text per image and
+    one hard negative image per text, sampled in proportion to the softmax of the contrastive
+    similarities (texts identical to the positive caption are never negatives). Needs ``fusion``."""
+
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this loss in the total."""
+
+
+class MimObjectiveSpec(Section):
+    """Masked image modelling: a share of the image's patches is blanked, the masked image goes
+    through the image tower and the fusion encoder with the text, and a small head predicts the
+    clean image's (detached) patch features at the masked places. Needs ``fusion``."""
+
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this loss in the total."""
+
+    ratio: float = Field(0.4, gt=0, lt=1)
+    """Share of the patches masked in each image."""
+
+    loss: Literal["cosine", "mse"] = "cosine"
+    """``cosine``: 1 − cosine similarity to the target feature; ``mse``: mean squared error of the
+    layer-normalised features."""
+
+
 class Objectives(Section):
     """Named, weighted training objectives; the total loss is the weighted sum of those given."""
 
     clip: Optional[ClipObjectiveSpec] = None
     """Contrastive image–text loss."""
+
+    mlm: Optional[MlmObjectiveSpec] = None
+    """Text-only masked language modelling."""
+
+    mmlm: Optional[MmlmObjectiveSpec] = None
+    """Image-conditioned masked language modelling through the fusion encoder."""
+
+    itm: Optional[ItmObjectiveSpec] = None
+    """Image–text matching with hard negatives, on fused features."""
+
+    mim: Optional[MimObjectiveSpec] = None
+    """Masked image modelling through the fusion encoder."""
 
     @model_validator(mode="after")
     def _at_least_one(self) -> "Objectives":
@@ -212,6 +271,44 @@ class OutputSpec(Section):
     ``--resume`` to continue it)."""
 
 
+class FusionSpec(Section):
+    """The fusion encoder that joins text and image features (used by ``mmlm``, ``itm``, ``mim``
+    and by ``mmcli fuse``)."""
+
+    strategy: Literal["early", "late", "hybrid", "cross_attention"] = "cross_attention"
+    """``cross_attention``: text tokens attend to the image's patch tokens (Q = text, K = V =
+    image), layer after layer; ``early``: one transformer over text and patch tokens together;
+    ``late``: a combination of the two pooled embeddings; ``hybrid``: early and late side by side.
+    ``late`` keeps no token sequence, so it cannot serve ``mmlm`` or ``mim``."""
+
+    dim: Optional[int] = Field(None, gt=0)
+    """Width of the fused features; default: the text tower's width."""
+
+    depth: int = Field(2, ge=1)
+    """Number of fusion layers (not used by ``late``)."""
+
+    heads: int = Field(4, ge=1)
+    """Attention heads per fusion layer; ``dim`` must be divisible by it (not used by ``late``)."""
+
+    mlp_ratio: float = Field(4.0, gt=0)
+    """Hidden width of each layer's feed-forward network, as a multiple of ``dim``."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout inside the fusion layers."""
+
+    late_mode: Literal["concat", "sum", "product", "gated"] = "gated"
+    """How ``late`` (and the late branch of ``hybrid``) combines the pooled embeddings: a linear
+    map of their concatenation, their sum, their product, or a learned per-feature gate."""
+
+    pool: Literal["mean", "first"] = "mean"
+    """``cross_attention`` only: the pooled output is the mean of the real text tokens or the
+    first (start-of-text) token."""
+
+    def has_tokens(self) -> bool:
+        """Whether the strategy keeps a fused token sequence (needed by ``mmlm`` and ``mim``)."""
+        return self.strategy != "late"
+
+
 class PretrainSpec(Section):
     """A ``mmcli pretrain`` run."""
 
@@ -227,8 +324,81 @@ class PretrainSpec(Section):
     train: TrainSpec
     """Optimisation."""
 
+    fusion: Optional[FusionSpec] = None
+    """The fusion encoder; required by the ``mmlm``, ``itm`` and ``mim`` objectives."""
+
     output: OutputSpec = OutputSpec()
     """The run folder."""
+
+    @model_validator(mode="after")
+    def _fusion_when_needed(self) -> "PretrainSpec":
+        enabled = self.objectives.enabled()
+        needing = [name for name in ("mmlm", "itm", "mim") if name in enabled]
+        if needing and self.fusion is None:
+            raise ValueError(f"fusion: missing; objectives {', '.join(needing)} need it")
+        tokens = [name for name in ("mmlm", "mim") if name in enabled]
+        if tokens and not self.fusion.has_tokens():
+            raise ValueError(f"fusion.strategy: late keeps no token sequence, which {', '.join(tokens)} need")
+        return self
+
+    def run_dir(self) -> Path:
+        """The run folder of this spec."""
+        return Path(self.output.dir) / self.output.name
+
+
+class FuseDataSpec(Section):
+    """Questions (VQA) or captions (ITM) of the built-in dataset's JSONL files, and batching."""
+
+    train: str
+    """A shapes JSONL file (``data/shapes/train.jsonl``): records with ``image``, ``caption``,
+    ``objects`` (boxes) and ``questions`` (``question``, ``answer``, ``type``). The VQA answer
+    vocabulary is the set of answers of these training questions."""
+
+    val: Optional[str] = None
+    """A shapes JSONL file to evaluate on (and to write predictions and fused features for)."""
+
+    batch_size: int = Field(64, gt=0)
+    """Global batch size, split evenly across ranks."""
+
+    workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank."""
+
+    val_max: int = Field(100_000, gt=0)
+    """At most this many validation examples (questions or image–caption pairs) are scored."""
+
+
+class FuseSpec(Section):
+    """A ``mmcli fuse`` run: a fusion head trained (or applied) on top of a pretrained run."""
+
+    base: str
+    """The pretrained run folder (``runs/shapes-mm``) whose encoders (and fusion encoder, when it
+    has one and ``fusion`` is omitted) start this run."""
+
+    task: Literal["vqa", "itm"] = "vqa"
+    """``vqa``: answer classification over the training answers; ``itm``: whether a caption
+    matches an image (each image with its caption and with another image's caption)."""
+
+    data: FuseDataSpec
+    """Training and validation data."""
+
+    fusion: Optional[FusionSpec] = None
+    """A fresh fusion encoder; omitted: the base run's pretrained one."""
+
+    encoders: Literal["frozen", "finetune"] = "finetune"
+    """``frozen``: the image and text towers keep the base run's weights and only the fusion
+    encoder and head train; ``finetune``: they train too."""
+
+    head_hidden: int = Field(512, gt=0)
+    """Hidden width of the VQA answer classifier."""
+
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout before the VQA classifier's last layer."""
+
+    train: TrainSpec
+    """Optimisation."""
+
+    output: OutputSpec = OutputSpec(name="fuse")
+    """The run folder (a full run folder: it loads like a pretraining run, with its head)."""
 
     def run_dir(self) -> Path:
         """The run folder of this spec."""
@@ -309,7 +479,7 @@ def load_spec(path: str | Path, model: type[BaseModel], overrides: list[str] | N
     return validate(model, data, str(path))
 
 
-SPEC_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainSpec}
+SPEC_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainSpec, "fuse": FuseSpec}
 """Spec type by the first word of a spec file's name (``pretrain.yaml``, ``pretrain-small.yaml``)."""
 
 
@@ -319,3 +489,162 @@ def spec_model_for(path: str | Path) -> type[BaseModel]:
     if stem not in SPEC_KINDS:
         raise MmcliError(f"{path}: cannot tell the spec kind from the file name (expected one of {sorted(SPEC_KINDS)})")
     return SPEC_KINDS[stem]
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+
+class LabelledSourceSpec(Section):
+    """Labelled images: a class-folder tree (``root/<class>/…/image``) or a CSV/TSV/JSONL file."""
+
+    path: str
+    """A folder whose sub-folders are the classes (images anywhere below them), or a CSV/TSV/JSONL
+    file with an image column and a label column; relative image paths are resolved against the
+    file's folder."""
+
+    format: Literal["auto", "folder", "csv", "tsv", "jsonl"] = "auto"
+    """How to read ``path``; ``auto`` decides from the suffix (a folder is a class-folder tree)."""
+
+    image_key: str = "filepath"
+    """Column (CSV/TSV) or key (JSONL) holding the image path (JSONL falls back to ``image``)."""
+
+    label_key: str = "label"
+    """Column or key holding the class name."""
+
+    separator: Optional[str] = None
+    """Column separator for CSV/TSV; default ``\\t`` for ``.tsv`` and ``,`` for ``.csv``."""
+
+
+class ZeroShotTaskSpec(LabelledSourceSpec):
+    """Zero-shot classification: each image gets the class whose prompt embedding (the mean of
+    its templates' text embeddings) is most similar to the image embedding."""
+
+    class_names: Optional[list[str]] = None
+    """The classes, in order; default: the sorted distinct labels of the data. The label of every
+    image must be one of them."""
+
+    templates: str | list[str] = "imagenet"
+    """Prompt templates with ``{}`` for the class name: ``shapes`` (``a {}``, the caption style of
+    the built-in dataset), ``imagenet`` (the 80 templates of the CLIP paper), ``simple`` (the
+    short list of CLIP's notebook), or a list of strings such as ``["a photo of a {}."]``."""
+
+    confusion: Optional[str] = None
+    """Where to write the confusion-matrix PNG; default ``<output stem>-confusion.png``."""
+
+    @model_validator(mode="after")
+    def _templates_usable(self) -> "ZeroShotTaskSpec":
+        t = self.templates
+        if isinstance(t, str):
+            if t not in ("shapes", "imagenet", "simple"):
+                raise ValueError(f"templates: {t!r} is not shapes, imagenet, simple or a list of strings")
+        elif not isinstance(t, list) or not t or not all(isinstance(s, str) and "{}" in s for s in t):
+            raise ValueError("templates: a list of strings must be non-empty and each must contain {}")
+        return self
+
+
+class RetrievalTaskSpec(Section):
+    """Image↔text retrieval recall@K on image–caption pairs (several captions per image allowed)."""
+
+    path: str
+    """A CSV/TSV/JSONL file or a folder of captioned images, as a pretraining source."""
+
+    format: Literal["auto", "csv", "tsv", "jsonl", "folder"] = "auto"
+    """How to read ``path``; ``auto`` decides from the suffix."""
+
+    image_key: str = "filepath"
+    """Column or key of the image path."""
+
+    text_key: str = "title"
+    """Column or key of the caption (JSONL falls back to ``caption``)."""
+
+    separator: Optional[str] = None
+    """Column separator for CSV/TSV."""
+
+    ks: list[int] = [1, 5, 10]
+    """The K of recall@K."""
+
+
+class LinearProbeTaskSpec(Section):
+    """A logistic regression on frozen image embeddings, trained on all training examples and on
+    k examples per class (few-shot); reports test accuracy for each."""
+
+    train: LabelledSourceSpec
+    """The labelled training images."""
+
+    test: Optional[LabelledSourceSpec] = None
+    """The labelled test images; omitted: a stratified ``test_fraction`` of ``train`` is held out."""
+
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of each class of ``train`` held out for testing when ``test`` is omitted."""
+
+    shots: list[Optional[int]] = [1, 2, 4, 8, 16, None]
+    """Examples per class for each probe; ``null`` means all training examples."""
+
+    seed: int = 0
+    """Seed of the held-out split and of the few-shot samples."""
+
+
+class FusionEvalTaskSpec(Section):
+    """A fused-model task on a shapes JSONL file (needs a run folder with the matching head)."""
+
+    path: str
+    """A shapes JSONL file (``data/shapes/val.jsonl``)."""
+
+
+class MlmEvalTaskSpec(FusionEvalTaskSpec):
+    """Masked-token accuracy on the colour and shape words of shapes captions."""
+
+    image_conditioned: bool = False
+    """Predict through the fusion encoder with the image (``mmlm``), not from the text alone."""
+
+
+class EvalSpec(Section):
+    """A ``mmcli eval`` run: the tasks to score one model on."""
+
+    model: str
+    """A run folder (``runs/shapes``) or ``ARCH:PRETRAINED``."""
+
+    dataset: Optional[str] = None
+    """The dataset name written in the results; default: the folder name of the first task's data."""
+
+    zero_shot: Optional[ZeroShotTaskSpec] = None
+    """Zero-shot classification: top-1, top-5, mean per-class recall, confusion matrix."""
+
+    retrieval: Optional[RetrievalTaskSpec] = None
+    """Image→text and text→image recall@K."""
+
+    linear_probe: Optional[LinearProbeTaskSpec] = None
+    """Linear-probe accuracy on frozen image embeddings, full and few-shot."""
+
+    vqa: Optional[FusionEvalTaskSpec] = None
+    """VQA accuracy of a ``mmcli fuse`` VQA run (``mmcli.evaluate_fusion``)."""
+
+    itm: Optional[FusionEvalTaskSpec] = None
+    """Image–text matching accuracy of a run with an ITM head."""
+
+    mlm: Optional[MlmEvalTaskSpec] = None
+    """Masked-token accuracy of a run with an MLM head."""
+
+    output: str = "eval.json"
+    """The results file: a JSON list of ``{dataset, model, pretrained, task, metrics}`` records,
+    shaped like CLIP_benchmark's."""
+
+    batch_size: int = Field(64, gt=0)
+    """Images or texts per forward pass."""
+
+    workers: int = Field(2, ge=0)
+    """DataLoader processes decoding images."""
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "EvalSpec":
+        if not any(getattr(self, t) is not None for t in EVAL_TASKS):
+            raise ValueError(f"give at least one task ({', '.join(EVAL_TASKS)})")
+        return self
+
+
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm")
+"""The task sections of :class:`EvalSpec`, in the order they run."""
+
+SPEC_KINDS["eval"] = EvalSpec

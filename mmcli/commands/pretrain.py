@@ -54,13 +54,20 @@ def prepare_run_dir(spec: PretrainSpec, *, resume: bool, is_main: bool) -> Path:
     return run_dir
 
 
+def with_text_cfg(model_config: dict[str, Any], text_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an open_clip model config with ``text_cfg`` fields replaced."""
+    if not text_cfg:
+        return model_config
+    return {**model_config, "text_cfg": {**model_config.get("text_cfg", {}), **text_cfg}}
+
+
 def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: str = "auto") -> dict[str, Any]:
     """Run a pretraining spec end to end; return the summary (also printed by the CLI)."""
     spec: PretrainSpec = load_spec(spec_path, PretrainSpec, overrides)
     from mmcli.data.batches import make_loader
     from mmcli.distributed import close_world, init_world
     from mmcli.models.encoders import build_dual_encoder, count_parameters
-    from mmcli.models.multimodal import MultimodalModel
+    from mmcli.models.multimodal import build_multimodal, open_clip_text_cfg
     from mmcli.objectives import Pretrainer
     from mmcli.train import train
     from mmcli.validation import contrastive_validator
@@ -72,14 +79,16 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
         run_dir = prepare_run_dir(spec, resume=resume, is_main=world.is_main)
         seed_everything(spec.train.seed)
         encoder = build_dual_encoder(spec.model, device=world.device)
-        model = MultimodalModel(encoder.model).to(world.device)
+        objectives = spec.objectives.enabled()
+        model = build_multimodal(encoder.model, objectives, spec.fusion).to(world.device)
         resume_state = None
         if resume:
             ckpt.load_weights_into(run_dir, model)
             resume_state = ckpt.load_train_state(run_dir)
         if world.is_main:
             ckpt.atomic_write_text(run_dir / ckpt.SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-            ckpt.save_open_clip_config(run_dir, encoder.model_config, encoder.preprocess_config)
+            ckpt.save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)),
+                                       encoder.preprocess_config)
 
         per_rank = spec.data.batch_size // world.world_size
         tokenize = Tokenize(encoder.tokenizer)
@@ -101,11 +110,12 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
                 batch_size=per_rank, train=False, seed=spec.train.seed, limit=spec.data.val_max,
             )
             validate = contrastive_validator(val_loader, world.device)
-        meta = {"mmcli_version": __version__, "arch": spec.model.arch, "kind": "pretrain", "modules": {}}
+        meta = {"mmcli_version": __version__, "arch": spec.model.arch, "kind": "pretrain",
+                "modules": model.modules_config}
         result = train(
-            Pretrainer(model, spec.objectives.enabled(), world),
+            Pretrainer(model, objectives, world),
             model=model,
-            weights={k: v.weight for k, v in spec.objectives.enabled().items()},
+            weights={k: v.weight for k, v in objectives.items()},
             loaders=loaders,
             batches_per_epoch=per_epoch,
             spec=spec.train,

@@ -1,31 +1,65 @@
-"""The multimodal model: an open_clip dual encoder plus the optional modules later stages add."""
+"""The multimodal model: an open_clip dual encoder plus the optional modules later stages add.
+
+Extra modules are described by a plain dict (saved as ``"modules"`` in a run's ``mmcli.json``),
+one entry per module with the constructor's arguments, so a run folder rebuilds its own model::
+
+    {"mask_token": {"id": 49408},
+     "fusion": {"strategy": "cross_attention", "dim": 128, "depth": 2, ...},
+     "mlm_head": {"width": 128, "vocab_size": 49409}, "itm_head": {"dim": 128}, ...}
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli.models.fusion import build_fusion
+from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MLMHead
+from mmcli.models.mim import MIMHead
+from mmcli.models.text import OPEN_CLIP_EOT_ID, OPEN_CLIP_PAD_ID, add_mask_token, text_token_states
 from mmcli.objectives import MAX_LOGIT_SCALE
+
+OPEN_CLIP_SOT_ID = 49406
+"""open_clip's start-of-text id."""
+
+SPECIAL_IDS = (OPEN_CLIP_PAD_ID, OPEN_CLIP_SOT_ID, OPEN_CLIP_EOT_ID)
+"""Token ids that masking never selects."""
+
+MODULE_ORDER = ("mask_token", "fusion", "mlm_head", "mmlm_proj", "itm_head", "mim_head", "vqa_head")
+"""Every module a config may hold, in build order ([MASK] first: heads tie to the grown embedding)."""
 
 
 class MultimodalModel(nn.Module):
-    """An open_clip ``CLIP`` (``self.clip``) whose forward returns a dict of outputs.
+    """An open_clip ``CLIP`` (``self.clip``) whose forward returns a dict of outputs, plus the
+    extra modules ``modules`` describes (see the module docstring).
 
-    Like open_clip's own models the output is a dict, so objectives take what they need by name.
+    Like open_clip's own models the output is a dict, so objectives take what they need by name;
+    ``image_tokens`` is added only when a fusion module reads patch tokens.
     """
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, modules: dict[str, Any] | None = None):
         super().__init__()
         self.clip = clip
+        self.modules_config = dict(modules or {})
+        unknown = set(self.modules_config) - set(MODULE_ORDER)
+        if unknown:
+            raise ValueError(f"unknown extra modules {sorted(unknown)}")
+        self.mask_token_id: int | None = None
+        for name in MODULE_ORDER:
+            if name in self.modules_config:
+                _BUILDERS[name](self, self.modules_config[name])
+        fusion = self.modules_config.get("fusion")
+        self.needs_image_tokens = fusion is not None and fusion["strategy"] != "late"
 
     @classmethod
     def from_modules(cls, clip: nn.Module, modules: dict) -> "MultimodalModel":
         """Rebuild a model with the extra modules a run folder's ``mmcli.json`` lists."""
-        if modules:
-            raise ValueError(f"unknown extra modules {sorted(modules)}")
-        return cls(clip)
+        return cls(clip, modules)
 
+    # -- the dual encoder -----------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pooled image embeddings [B, D]."""
         return self.clip.encode_image(images, normalize=normalize)
@@ -34,14 +68,172 @@ class MultimodalModel(nn.Module):
         """Pooled text embeddings [B, D]."""
         return self.clip.encode_text(texts, normalize=normalize)
 
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, patch_tokens)``: the projected pooled embedding [B, D] and the patch tokens
+        [B, N, width] (after ``ln_post``, without the class token, not projected), in one pass."""
+        visual = self.clip.visual
+        previous = visual.output_tokens
+        # Set only for this call: open_clip's encode_image expects a bare tensor from visual().
+        visual.output_tokens = True
+        try:
+            return visual(images)
+        finally:
+            visual.output_tokens = previous
+
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``image_features`` and ``text_features`` (L2-normalised) and ``logit_scale`` (1/τ, ≤ 100)."""
-        return {
-            "image_features": F.normalize(self.clip.encode_image(images), dim=-1),
-            "text_features": F.normalize(self.clip.encode_text(texts), dim=-1),
-            "logit_scale": self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
-        }
+        """``image_features`` and ``text_features`` (L2-normalised), ``logit_scale`` (1/τ, ≤ 100),
+        and ``image_tokens`` [B, N, width] when the fusion module reads them."""
+        out = {}
+        if self.needs_image_tokens:
+            pooled, out["image_tokens"] = self.encode_image_tokens(images)
+        else:
+            pooled = self.clip.encode_image(images)
+        out["image_features"] = F.normalize(pooled, dim=-1)
+        out["text_features"] = F.normalize(self.clip.encode_text(texts), dim=-1)
+        out["logit_scale"] = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        return out
+
+    # -- text states and fusion -----------------------------------------------------------------
+    def text_states(self, texts: torch.Tensor) -> torch.Tensor:
+        """Bidirectional per-token text states [B, L, width] (what MLM and the fusion read)."""
+        return text_token_states(self.clip, texts, causal=False)
+
+    def fusion_inputs(self, texts: torch.Tensor, text_states: torch.Tensor, **features) -> dict[str, torch.Tensor]:
+        """The fusion contract's dict: ``text_tokens``, ``text_mask`` and whichever of
+        ``image_tokens``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask`` are given."""
+        inputs = {"text_tokens": text_states, "text_mask": texts != OPEN_CLIP_PAD_ID}
+        inputs.update({k: v for k, v in features.items() if v is not None})
+        return inputs
+
+    def encode_pair(self, images: torch.Tensor, texts: torch.Tensor, boxes=None, box_mask=None) -> dict:
+        """Everything a fusion strategy may read for image–text pairs (see :meth:`fusion_inputs`)."""
+        pooled, tokens = self.encode_image_tokens(images)
+        return self.fusion_inputs(
+            texts, self.text_states(texts), image_tokens=tokens, image_pooled=F.normalize(pooled, dim=-1),
+            text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1), boxes=boxes, box_mask=box_mask,
+        )
+
+    def mlm_logits(self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> MaskedLogits:
+        """MLM logits at the labelled positions of ``masked`` texts: from the text tower alone,
+        or, given ``image_tokens``, after the fusion encoder let the text read the image."""
+        states = self.text_states(masked)
+        if image_tokens is not None:
+            states = self.fusion.forward_tokens(self.fusion_inputs(masked, states, image_tokens=image_tokens))
+            if hasattr(self, "mmlm_proj"):
+                states = self.mmlm_proj(states)
+        return self.mlm_head(states, labels)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules beyond the dual encoder (saved to ``mmcli_model.safetensors``)."""
         return {name: m for name, m in self.named_children() if name != "clip"}
+
+
+# -- builders: one per entry of a modules config -----------------------------------------------------
+def _mask_token(model: MultimodalModel, cfg: dict) -> None:
+    model.mask_token_id = add_mask_token(model.clip, tokenizer_vocab_size=cfg["id"])
+
+
+def _fusion(model: MultimodalModel, cfg: dict) -> None:
+    options = {k: v for k, v in cfg.items() if k != "strategy"}
+    model.fusion = build_fusion(cfg["strategy"], **options)
+
+
+def _mlm_head(model: MultimodalModel, cfg: dict) -> None:
+    model.mlm_head = MLMHead(cfg["width"], cfg["vocab_size"], tied_embedding=model.clip.token_embedding)
+
+
+def _mmlm_proj(model: MultimodalModel, cfg: dict) -> None:
+    model.mmlm_proj = nn.Linear(cfg["in_dim"], cfg["out_dim"])
+
+
+def _itm_head(model: MultimodalModel, cfg: dict) -> None:
+    model.itm_head = ITMHead(cfg["dim"])
+
+
+def _mim_head(model: MultimodalModel, cfg: dict) -> None:
+    model.mim_head = MIMHead(cfg["image_dim"], cfg["dim"], cfg["heads"])
+
+
+def _vqa_head(model: MultimodalModel, cfg: dict) -> None:
+    model.vqa_head = ClassifierHead(cfg["dim"], len(cfg["answers"]), cfg["hidden"], cfg["dropout"])
+
+
+_BUILDERS = {
+    "mask_token": _mask_token, "fusion": _fusion, "mlm_head": _mlm_head, "mmlm_proj": _mmlm_proj,
+    "itm_head": _itm_head, "mim_head": _mim_head, "vqa_head": _vqa_head,
+}
+
+
+# -- from specs -----------------------------------------------------------------------------------------
+def tower_dims(clip: nn.Module) -> dict[str, int]:
+    """Widths of an open_clip ``CLIP``'s token states and pooled embeddings."""
+    return {
+        "text_dim": clip.transformer.width,
+        "image_dim": clip.visual.transformer.width,
+        "text_pooled_dim": clip.text_projection.shape[1],
+        "image_pooled_dim": clip.visual.output_dim,
+    }
+
+
+def fusion_config(spec, clip: nn.Module) -> dict[str, Any]:
+    """The ``fusion`` entry of a modules config for a :class:`~mmcli.spec.FusionSpec`."""
+    from mmcli.errors import MmcliError
+
+    dims = tower_dims(clip)
+    dim = spec.dim or dims["text_dim"]
+    if spec.strategy == "late":
+        return {"strategy": "late", "dim": dim, "text_pooled_dim": dims["text_pooled_dim"],
+                "image_pooled_dim": dims["image_pooled_dim"], "mode": spec.late_mode}
+    if dim % spec.heads:
+        raise MmcliError(f"fusion.heads: the fusion width {dim} is not divisible by {spec.heads} heads")
+    cfg = {"strategy": spec.strategy, "dim": dim, "depth": spec.depth, "heads": spec.heads,
+           "image_dim": dims["image_dim"], "text_dim": dims["text_dim"], "mlp_ratio": spec.mlp_ratio,
+           "dropout": spec.dropout}
+    if spec.strategy == "cross_attention":
+        cfg["pool"] = spec.pool
+    if spec.strategy == "hybrid":
+        cfg.update(text_pooled_dim=dims["text_pooled_dim"], image_pooled_dim=dims["image_pooled_dim"],
+                   late_mode=spec.late_mode)
+    return cfg
+
+
+def mask_token_config(clip: nn.Module) -> dict[str, Any]:
+    """The ``mask_token`` and ``mlm_head`` entries: [MASK] is one past the tokenizer's last id."""
+    from mmcli.models.text import OPEN_CLIP_VOCAB_SIZE
+
+    return {"mask_token": {"id": OPEN_CLIP_VOCAB_SIZE},
+            "mlm_head": {"width": tower_dims(clip)["text_dim"], "vocab_size": OPEN_CLIP_VOCAB_SIZE + 1}}
+
+
+def pretrain_modules(clip: nn.Module, objectives: dict[str, Any], fusion) -> dict[str, Any]:
+    """The modules config for a pretraining run's enabled ``objectives`` and ``fusion`` spec.
+
+    Only modules some objective uses are created, so no parameter sits idle in a step."""
+    modules: dict[str, Any] = {}
+    if "mlm" in objectives or "mmlm" in objectives:
+        modules.update(mask_token_config(clip))
+    if not {"mmlm", "itm", "mim"} & set(objectives):
+        return modules
+    modules["fusion"] = fusion_config(fusion, clip)
+    dim, text_dim = modules["fusion"]["dim"], tower_dims(clip)["text_dim"]
+    if "mmlm" in objectives and dim != text_dim:  # the tied decoder reads text-width states
+        modules["mmlm_proj"] = {"in_dim": dim, "out_dim": text_dim}
+    if "itm" in objectives:
+        modules["itm_head"] = {"dim": dim}
+    if "mim" in objectives:
+        modules["mim_head"] = {"image_dim": tower_dims(clip)["image_dim"], "dim": dim, "heads": fusion.heads}
+    return modules
+
+
+def build_multimodal(clip: nn.Module, objectives: dict[str, Any], fusion=None) -> MultimodalModel:
+    """The model a pretraining run trains: ``clip`` plus the modules its objectives need."""
+    return MultimodalModel(clip, pretrain_modules(clip, objectives, fusion))
+
+
+def open_clip_text_cfg(model: MultimodalModel) -> dict[str, Any]:
+    """``text_cfg`` fields a run's ``open_clip_config.json`` must carry for open_clip to rebuild
+    this model's text tower: the grown vocabulary and the pooling that ignores [MASK]."""
+    if model.mask_token_id is None:
+        return {}
+    clip = model.clip
+    return {"vocab_size": clip.vocab_size, "pool_type": clip.text_pool_type, "eos_id": clip.text_eos_id}

@@ -1,0 +1,164 @@
+"""``mmcli fuse SPEC``: train (or, with ``--eval-only``, apply) a fusion head on a pretrained run.
+
+The run folder is a full run folder (the base's dual encoder, possibly fine-tuned, plus the
+fusion encoder and the task head), and after training or with ``--eval-only`` it also holds
+``predictions.jsonl`` (id, question, type, answer, predicted, score) and ``fused.npy`` (pooled
+fused features, L2-normalised, one row per prediction) with its sidecar ``fused.npy.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mmcli import __version__
+from mmcli import checkpoint as ckpt
+from mmcli.errors import MmcliError
+from mmcli.spec import FuseSpec, load_spec
+
+PREDICTIONS = "predictions.jsonl"
+FEATURES = "fused.npy"
+
+
+def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_only: bool = False,
+        device: str = "auto") -> dict[str, Any]:
+    """Run a fuse spec: train then apply, or only apply (``eval_only``); return the summary."""
+    spec: FuseSpec = load_spec(spec_path, FuseSpec, overrides)
+    from mmcli.distributed import close_world, init_world
+
+    world = init_world(device)
+    try:
+        result = {} if eval_only else _train(spec, world, resume)
+        if world.is_main and spec.data.val is not None and not result.get("interrupted"):
+            result.update(apply(spec.run_dir(), spec, world.device))
+        return {"run_dir": str(spec.run_dir()), "task": spec.task, "base": spec.base, "eval_only": eval_only,
+                "is_main": world.is_main, "device": str(world.device), **result}
+    finally:
+        close_world(world)
+
+
+def _examples(spec: FuseSpec, path: str):
+    from mmcli.data.vqa import matching_examples, question_examples, read_shapes_jsonl
+
+    records = read_shapes_jsonl(path)
+    return question_examples(records) if spec.task == "vqa" else matching_examples(records, spec.train.seed)
+
+
+def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
+    from mmcli.commands.pretrain import Tokenize, prepare_run_dir, seed_everything
+    from mmcli.data.vqa import ExampleDataset, answer_prior, answer_vocabulary, example_loader
+    from mmcli.models.downstream import ITM_LABELS, FuseTask, build_fuse_model, fuse_modules, reused_modules
+    from mmcli.models.encoders import count_parameters
+    from mmcli.models.loading import load_model
+    from mmcli.train import train
+
+    if spec.data.batch_size % world.world_size:
+        raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
+    run_dir = prepare_run_dir(spec, resume=resume, is_main=world.is_main)
+    seed_everything(spec.train.seed)
+    base = load_model(spec.base, device=world.device)
+    examples = _examples(spec, spec.data.train)
+    labels = answer_vocabulary(examples) if spec.task == "vqa" else ITM_LABELS
+    modules = fuse_modules(base.model, spec.base, spec, labels)
+    model = build_fuse_model(base.model, modules, reused_modules(base.model, spec)).to(world.device)
+    resume_state = None
+    if resume:
+        ckpt.load_weights_into(run_dir, model)
+        resume_state = ckpt.load_train_state(run_dir)
+    if world.is_main:
+        ckpt.atomic_write_text(run_dir / ckpt.SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        shutil.copyfile(Path(spec.base) / ckpt.OPEN_CLIP_CONFIG, run_dir / ckpt.OPEN_CLIP_CONFIG)
+
+    # The deterministic transform: a random crop could cut a shape off and change the answer.
+    tokenize = Tokenize(base.tokenizer)
+    dataset = ExampleDataset(examples, labels, base.preprocess, tokenize)
+    per_rank = spec.data.batch_size // world.world_size
+
+    def loaders(epoch: int, start_batch: int):
+        return example_loader(dataset, batch_size=per_rank, train=True, seed=spec.train.seed, epoch=epoch,
+                              start_batch=start_batch, rank=world.rank, world_size=world.world_size,
+                              workers=spec.data.workers)
+
+    per_epoch = len(loaders(0, 0))
+    if per_epoch == 0:
+        raise MmcliError(f"{spec.data.train}: fewer examples than one batch ({spec.data.batch_size})")
+    validate = _validator(spec, labels, tokenize, base.preprocess, world.device, per_rank)
+    meta = {"mmcli_version": __version__, "arch": base.arch, "kind": "fuse", "task": spec.task, "base": spec.base,
+            "modules": modules}
+    if spec.task == "vqa":
+        meta["answer_prior"] = answer_prior(examples)
+    task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
+    result = train(task, model=model, weights={spec.task: 1.0}, loaders=loaders, batches_per_epoch=per_epoch,
+                   spec=spec.train, world=world, run_dir=run_dir, meta=meta, validate=validate,
+                   resume=resume_state, progress_label=f"fuse {spec.task}")
+    return {"parameters": count_parameters(model), "trained_parameters": count_parameters(task), "steps": result.steps,
+            "interrupted": result.interrupted, "samples_per_s": round(result.samples_per_s, 1),
+            "world_size": world.world_size, "train": result.last_metrics, "val": result.last_validation}
+
+
+def _validator(spec: FuseSpec, labels, tokenize, preprocess, device, batch_size):
+    from mmcli.data.vqa import ExampleDataset, example_loader
+    from mmcli.evaluate_fusion import fuse_validator
+
+    if spec.data.val is None:
+        return None
+    examples = _examples(spec, spec.data.val)[: spec.data.val_max]
+    loader = example_loader(ExampleDataset(examples, labels, preprocess, tokenize), batch_size=batch_size,
+                            train=False, seed=spec.train.seed)
+    return fuse_validator(loader, examples, labels, spec.task, device)
+
+
+def apply(run_dir: Path, spec: FuseSpec, device) -> dict[str, Any]:
+    """Predict on ``spec.data.val`` with the run folder's model, write the predictions and fused
+    features, and score them (plus the base run's MLM accuracy when it has an MLM head)."""
+    from mmcli.commands.pretrain import Tokenize
+    from mmcli.data.vqa import ExampleDataset, example_loader
+    from mmcli.evaluate_fusion import accuracy_report, evaluate_mlm, predict
+    from mmcli.models.downstream import task_labels
+    from mmcli.models.loading import is_run_dir, load_model
+
+    if not is_run_dir(run_dir):
+        raise MmcliError(f"{run_dir}: no fuse run to evaluate; run mmcli fuse without --eval-only first")
+    loaded = load_model(str(run_dir), device=device)
+    labels = task_labels(loaded.model, spec.task)
+    examples = _examples(spec, spec.data.val)[: spec.data.val_max]
+    loader = example_loader(ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer)),
+                            batch_size=spec.data.batch_size, train=False, seed=spec.train.seed)
+    rows, features = predict(loaded.model, loader, examples, labels, spec.task, device)
+    _write_jsonl(Path(run_dir) / PREDICTIONS, rows)
+    write_features(Path(run_dir) / FEATURES, features, [r["id"] for r in rows], loaded, spec.task)
+    out = {"report": accuracy_report(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
+           "features": str(Path(run_dir) / FEATURES)}
+    base_modules = ckpt.read_meta(Path(spec.base)).get("modules", {})
+    if "mlm_head" in base_modules:
+        image_ok = base_modules.get("fusion", {}).get("strategy", "late") != "late"
+        kinds = [False] + ([True] if image_ok else [])
+        out["base_mlm"] = {("image_conditioned" if c else "text_only"): evaluate_mlm(
+            spec.base, spec.data.val, image_conditioned=c, device=device, batch_size=spec.data.batch_size) for c in kinds}
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_features(path: Path, features: np.ndarray, ids: list[str], loaded, task: str) -> None:
+    """``features`` L2-normalised as ``path`` (.npy) with a sidecar ``path.json`` naming the model
+    and the row → example mapping; both written atomically, the array first."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    rows = (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a path
+            np.save(f, rows)
+
+    ckpt.atomic_write(path, save)
+    sidecar = {"format": "mmcli-fused-features", "version": 1, "modality": "fused", "task": task,
+               "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
+               "dim": int(rows.shape[1]), "dtype": "float32", "count": len(ids), "items": ids}
+    ckpt.atomic_write_text(Path(str(path) + ".json"), json.dumps(sidecar, indent=2))
