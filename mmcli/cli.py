@@ -104,33 +104,128 @@ def pretrain(
             raise typer.Exit(130)
 
 
-def _not_yet(name: str) -> None:
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="A run folder (runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag).",
+                 show_default=False),
+]
+
+
+@app.command()
+def embed(
+    path: Annotated[str, typer.Argument(help="A folder of images, a CSV/TSV/JSONL dataset file, webdataset shards "
+                                             "(dir, .tar or {00000..00009}.tar) or a text file (one text a line).",
+                                        show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="The index file (.npy); its sidecar is OUT.json.", show_default=False)],
+    model: ModelOpt = None,
+    modality: Annotated[str, typer.Option("--modality", help="auto (images, texts for a .txt file), image or text.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 rows.")] = "float32",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Items per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding images.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over (and replace a complete index) "
+                                                                "instead of resuming.")] = False,
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, "
+                                                               "resampling closer to the full-size pipeline).")] = False,
+    image_key: Annotated[str, typer.Option("--image-key", help="Image column/key of a dataset file.")] = "filepath",
+    text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = "title",
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed images or texts into an index: OUT (.npy, L2-normalised rows) and OUT.json (its sidecar).
+
+    Re-running into the same OUT resumes an interrupted run; bad images are skipped and listed in
+    the sidecar. Under torchrun every rank writes its own shard, read by retrieve as one index.
+    """
     with reported_errors():
-        raise MmcliError(f"`mmcli {name}` is not yet available in this version")
+        if modality not in ("auto", "image", "text"):
+            raise MmcliError(f"--modality {modality}: choose auto, image or text")
+        if dtype not in ("float32", "float16"):
+            raise MmcliError(f"--dtype {dtype}: choose float32 or float16")
+        from mmcli.commands.embed import run
+        from mmcli.render import render_embed_summary
+
+        result = run(path, out, model=model, modality=modality, dtype=dtype, batch_size=batch_size, workers=workers,
+                     overwrite=overwrite, draft=not no_draft, image_key=image_key, text_key=text_key,
+                     device=State.device)
+        if result["is_main"]:
+            emit(result, as_json, render_embed_summary)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def embed() -> None:
-    """Embed a folder of images, a dataset file or a text file into an index (not yet available)."""
-    _not_yet("embed")
+@app.command()
+def retrieve(
+    query: Annotated[Optional[str], typer.Argument(help="A text, or an image file (detected by its suffix).",
+                                                   show_default=False)] = None,
+    index: Annotated[str, typer.Option("--index", help="The index (.npy) written by embed.", show_default=False)] = ...,
+    k: Annotated[int, typer.Option("--k", min=1, help="Results per query.")] = 10,
+    queries: Annotated[Optional[str], typer.Option("--queries", help="A file of queries, one a line.",
+                                                   show_default=False)] = None,
+    image: Annotated[bool, typer.Option("--image", help="Treat every query as an image file.")] = False,
+    use_faiss: Annotated[bool, typer.Option("--faiss", help="Search with a FAISS index (built next to the "
+                                                            ".npy on first use); automatic above 2M rows.")] = False,
+    grid: Annotated[Optional[str], typer.Option("--grid", help="Write a contact sheet (PNG) of the top-k images.",
+                                                show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="The run folder that made the index, if it has "
+                                                 "moved (default: the sidecar's; checksums must match).",
+                                                 show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search an index with a text or an image, using the model recorded in its sidecar."""
+    with reported_errors():
+        from mmcli.commands.retrieve import run
+        from mmcli.render import render_retrieve
+
+        result = run(query, index_path=index, k=k, queries_file=queries, image=image, use_faiss=use_faiss,
+                     grid=grid, model=model, device=State.device)
+        emit(result, as_json, render_retrieve)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def retrieve() -> None:
-    """Search an embedding index with a text or an image (not yet available)."""
-    _not_yet("retrieve")
+@app.command()
+def fuse(
+    spec: SpecArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the spec's run folder.")] = False,
+    eval_only: Annotated[
+        bool, typer.Option("--eval-only", help="Do not train: apply the spec's run folder to data.val and score it.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train or apply a fusion head (VQA answer classification or image–text matching) on a pretrained run."""
+    with reported_errors():
+        from mmcli.commands.fuse import run
+        from mmcli.render import render_fuse_summary
+
+        result = run(spec, overrides or [], resume=resume, eval_only=eval_only, device=State.device)
+        if result.get("is_main", True):
+            emit(result, as_json, render_fuse_summary)
+        if result.get("interrupted"):
+            raise typer.Exit(130)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def fuse() -> None:
-    """Train or apply a fusion head for VQA / image–text matching (not yet available)."""
-    _not_yet("fuse")
+@app.command("eval")
+def evaluate(
+    spec: Annotated[Optional[Path], typer.Argument(help="Eval spec (YAML); optional when flags name the tasks.",
+                                                   show_default=False)] = None,
+    overrides: SetOpt = None,
+    model: ModelOpt = None,
+    zero_shot: Annotated[Optional[str], typer.Option("--zero-shot", help="Zero-shot data: a class-folder tree or a "
+                                                                         "labelled CSV/TSV/JSONL.", show_default=False)] = None,
+    templates: Annotated[Optional[str], typer.Option("--templates", help="shapes, imagenet, simple, or "
+                                                                         "'a {}|a photo of a {}.'", show_default=False)] = None,
+    retrieval: Annotated[Optional[str], typer.Option("--retrieval", help="Image–caption pairs for recall@K.",
+                                                     show_default=False)] = None,
+    linear_probe: Annotated[Optional[str], typer.Option("--linear-probe", help="Labelled images for a linear "
+                                                        "probe (half of each class held out).", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--out", help="Results JSON (default eval.json).",
+                                                  show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy."""
+    with reported_errors():
+        from mmcli.commands.evaluate import run
+        from mmcli.render import render_eval
 
-
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate() -> None:
-    """Zero-shot classification, retrieval recall, linear probe, VQA/ITM/MLM accuracy (not yet available)."""
-    _not_yet("eval")
+        flags = {"model": model, "zero_shot": zero_shot, "templates": templates, "retrieval": retrieval,
+                 "linear_probe": linear_probe, "output": output}
+        emit(run(spec, overrides or [], flags=flags, device=State.device), as_json, render_eval)
 
 
 def main() -> None:

@@ -55,3 +55,97 @@ def render_pretrain_summary(result: dict[str, Any]) -> None:
             ("val pairs", val.get("val_pairs")),
         ]
     console.print(key_value_table("pretrain", rows))
+
+
+def render_fuse_summary(result: dict[str, Any]) -> None:
+    """What a fuse run did and scored: accuracy overall and per type against majority baselines,
+    and the base run's MLM accuracy on masked colour/shape words when it has an MLM head."""
+    rows = [("run folder", result["run_dir"]), ("task", result["task"]), ("base run", result["base"])]
+    if not result.get("eval_only"):
+        rows += [("steps", result.get("steps")), ("samples/s", result.get("samples_per_s")),
+                 ("train loss", result.get("train", {}).get("loss", "-"))]
+    report = result.get("report", {})
+    if report:
+        rows.append((f"val accuracy (n={report['n']})", report["accuracy"]))
+        if "majority_baseline" in report:
+            rows.append((f"majority answer ({report['majority_answer']})", report["majority_baseline"]))
+            rows.append(("majority answer per type", report["type_majority_baseline"]))
+        rows += [(f"  {kind} (n={v['n']})", v["accuracy"]) for kind, v in report["per_type"].items()]
+    for mode, mlm in result.get("base_mlm", {}).items():
+        groups = ", ".join(f"{g} {v['accuracy']:.3f}" for g, v in mlm["groups"].items())
+        rows.append((f"base MLM {mode.replace('_', '-')}", f"{groups}; random-15% {mlm['random']['accuracy']:.3f}"))
+    if "predictions" in result:
+        rows += [("predictions", result["predictions"]), ("fused features", result["features"])]
+    console.print(key_value_table(f"fuse {result['task']}", rows))
+
+
+# --------------------------------------------------------------------------------------------
+# embed, retrieve, eval
+# --------------------------------------------------------------------------------------------
+
+
+def embed_progress(unit: str, *, show: bool = True):
+    """A rich progress bar on stderr with items/s (``unit``: image or text) and time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """rich's running speed of the task, as "123 images/s"."""
+
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f} {unit}s/s" if task.speed else "", style="progress.data.speed")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
+
+
+def render_embed_summary(result: dict[str, Any]) -> None:
+    """What ``mmcli embed`` wrote: the index, its model, rows, skipped files and speed."""
+    rows = [("index", result["out"]), ("model", f"{result['model']['ref']} ({result['model']['arch']})"),
+            ("modality", result["modality"]), ("rows", f"{result['count']} × {result['dim']} {result['dtype']}"),
+            ("skipped", len(result["skipped"]))]
+    if result.get("resumed_from"):
+        rows.append(("resumed after", f"{result['resumed_from']} items"))
+    rows += [("seconds", result["seconds"]), (f"{result['modality']}s/s", result["items_per_s"])]
+    console.print(key_value_table("embed", rows))
+    if result["skipped"]:
+        table = Table(title="skipped (also listed in the sidecar)", title_justify="left")
+        table.add_column("item")
+        table.add_column("reason")
+        for entry in result["skipped"][:20]:
+            table.add_row(entry["item"], entry["reason"])
+        if len(result["skipped"]) > 20:
+            table.add_row(f"… {len(result['skipped']) - 20} more", "")
+        console.print(table)
+
+
+def render_retrieve(result: dict[str, Any]) -> None:
+    """One table per query: rank, score and item of the top-k."""
+    for query in result["queries"]:
+        kind = "image" if query["is_image"] else "text"
+        table = Table(title=f"{kind} query: {query['query']}", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("item", overflow="fold")
+        for hit in query["results"]:
+            table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["item"])
+        console.print(table)
+        if query.get("grid"):
+            console.print(f"contact sheet: {query['grid']}")
+    search = result["search"]
+    note = f"{search['method']} search over {result['count']:,} rows"
+    if search.get("recall_at_10") is not None:
+        note += f" (recall@10 against exact search at build: {search['recall_at_10']:.3f})"
+    console.print(note, style="dim")
+
+
+def render_eval(result: dict[str, Any]) -> None:
+    """A table per task of ``mmcli eval``: each metric (None shown as "n/a" with the reason)."""
+    for entry in result["results"]:
+        rows = []
+        for name, value in entry["metrics"].items():
+            rows.append((name, "n/a" if value is None else value))
+        console.print(key_value_table(f"{entry['task']} · {entry['dataset']}", rows))
+    for note in result.get("notes", []):
+        console.print(note, style="dim")
+    console.print(f"results: {result['json']}", style="dim")

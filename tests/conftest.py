@@ -28,3 +28,25 @@ def shapes_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     generate(out, n=96, size=32, seed=0)
     return out
+
+
+def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0) -> Path:
+    """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save)."""
+    import torch
+
+    from mmcli import checkpoint as ckpt
+    from mmcli.models.encoders import build_dual_encoder
+    from mmcli.models.multimodal import MultimodalModel
+    from mmcli.spec import ModelSpec
+
+    torch.manual_seed(seed)
+    encoder = build_dual_encoder(ModelSpec(arch=arch))
+    ckpt.save_open_clip_config(out, encoder.model_config, encoder.preprocess_config)
+    ckpt.save_weights(out, MultimodalModel(encoder.model), {"arch": arch, "modules": {}})
+    return out
+
+
+@pytest.fixture(scope="session")
+def nano_run(tmp_path_factory) -> Path:
+    """A run folder with a random ``mmcli-nano`` (32 px, 32-dim embeddings)."""
+    return save_random_run(tmp_path_factory.mktemp("nano-run"))

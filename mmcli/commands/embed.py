@@ -1,0 +1,115 @@
+"""``mmcli embed PATH --out emb.npy``: embed images or texts into a self-describing index."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+from mmcli import index as ix
+from mmcli.errors import MmcliError
+
+
+def run(
+    path: str,
+    out: str,
+    *,
+    model: Optional[str] = None,
+    modality: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 64,
+    workers: int = 2,
+    overwrite: bool = False,
+    draft: bool = True,
+    image_key: str = "filepath",
+    text_key: str = "title",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed ``path`` into the index ``out`` (this rank's shard under torchrun); return a summary.
+
+    Re-running into the same ``out`` resumes an interrupted run (the model defaults to the one
+    it was started with); ``overwrite`` starts over and replaces a complete index.
+    """
+    from mmcli.distributed import resolve_device
+    from mmcli.embedding import resolve_inputs
+    from mmcli.models.loading import load_model
+
+    rank, world = _rank_and_world()
+    if not str(out).endswith(".npy"):
+        raise MmcliError(f"--out {out}: the index file name must end with .npy")
+    target = ix.shard_path(str(out), rank, world) if world > 1 else str(out)
+    inputs = resolve_inputs(path, modality, image_key=image_key, text_key=text_key)
+    state = None if overwrite else ix.IndexWriter.resume_state(target)
+    ref = model or (state.meta["model"]["ref"] if state else None)
+    if ref is None:
+        raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    loaded = load_model(ref, device=dev)
+    meta = {"model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
+            "modality": inputs.modality, "root": inputs.root,
+            "source": {"path": str(path), "format": inputs.format}, "draft_decode": draft}
+    start = time.perf_counter()
+    batches, capacity = _batches(inputs, loaded, state, rank=rank, world=world, batch_size=batch_size,
+                                 workers=workers, draft=draft, device=dev)
+    dim = loaded.model.clip.visual.output_dim
+    resumed = state.rows + len(state.skipped) if state else 0
+    with ix.IndexWriter(target, dim=dim, dtype=dtype, capacity=capacity, meta=meta, overwrite=overwrite) as writer:
+        new = _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
+    seconds = time.perf_counter() - start
+    return {"out": target, "rank": rank, "world_size": world, "model": meta["model"], "modality": inputs.modality,
+            "format": inputs.format, "dim": dim, "dtype": dtype, "count": writer.rows_done,
+            "skipped": writer.skipped, "resumed_from": resumed, "seconds": round(seconds, 3),
+            "items_per_s": round(new / seconds, 1) if seconds > 0 else None, "device": str(dev),
+            "is_main": rank == 0}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    # Ranks need no process group: each embeds its own share and writes its own shard.
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _batches(inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool,
+             device) -> tuple[Iterator, int]:
+    """This rank's batches of not-yet-embedded items and the number of items of this rank."""
+    from mmcli.embedding import (ImageItems, ShardImages, draft_size, encode_image_batches, encode_text_batches,
+                                 image_loader)
+    from mmcli.data.sources import count_shard_samples
+
+    done = set(state.items) | {s["item"] for s in state.skipped} if state else set()
+    size = draft_size(loaded.preprocess) if draft else None
+    if inputs.urls is not None:
+        if inputs.modality != "image":
+            raise MmcliError(f"{inputs.root}: embedding the texts of webdataset shards is not supported; "
+                             "export them to a text file")
+        urls = inputs.urls[rank::world]
+        total = count_shard_samples(tuple(urls), ("jpg", "jpeg", "png", "webp")) if urls else 0
+        dataset = ShardImages(urls, loaded.preprocess, draft=size, done=done)
+        return encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size,
+                                                               workers=min(workers, len(urls))), device), total
+    share = math.ceil(len(inputs.items) / world)  # contiguous shares keep the input order across shards
+    mine = inputs.items[rank * share : (rank + 1) * share]
+    todo = [item for item in mine if item.key not in done]
+    if inputs.modality == "text":
+        return encode_text_batches(loaded.model, loaded.tokenizer, todo, batch_size=batch_size, device=device), len(mine)
+    dataset = ImageItems(todo, loaded.preprocess, draft=size)
+    return encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size, workers=workers),
+                                device), len(mine)
+
+
+def _write(writer: ix.IndexWriter, batches: Iterator, *, total: int, done: int, show: bool, unit: str) -> int:
+    """Stream ``batches`` into ``writer`` under a progress bar (stderr); return the items handled."""
+    from mmcli.render import embed_progress
+
+    handled = 0
+    with embed_progress(unit, show=show) as bar:
+        task = bar.add_task("embedding", total=total, completed=done)
+        for keys, emb, bad in batches:
+            if keys:
+                writer.add(emb.astype(writer.dtype), keys)
+            for key, reason in bad:
+                writer.skip(key, reason)
+            handled += len(keys) + len(bad)
+            bar.update(task, advance=len(keys) + len(bad))
+    return handled
