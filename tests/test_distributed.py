@@ -7,10 +7,8 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from tests.test_train import write_spec
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from mmcli import index as ix
 from mmcli.commands.embed import run as embed
 from mmcli.commands.evaluate import run as evaluate
 from mmcli.commands.retrieve import run as retrieve

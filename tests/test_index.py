@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from mmcli import ann
 from mmcli import index as ix
 from mmcli.errors import MmcliError
 
@@ -316,48 +317,48 @@ def test_recall_at_k_counts_shared_ids():
 
 
 def test_kind_and_list_count_follow_the_documented_thresholds():
-    assert ix.choose_faiss_kind(ix.FLAT_MAX_ROWS - 1) == "flat"
-    assert ix.choose_faiss_kind(ix.FLAT_MAX_ROWS) == ix.choose_faiss_kind(1_000_000) == "ivf"
-    assert ix._ivf_lists(1_000_000) == 4000  # 4·√N
-    assert ix._ivf_lists(10_000) == 256  # capped at N/39 training points per list
+    assert ann.choose_faiss_kind(ann.FLAT_MAX_ROWS - 1) == "flat"
+    assert ann.choose_faiss_kind(ann.FLAT_MAX_ROWS) == ann.choose_faiss_kind(1_000_000) == "ivf"
+    assert ann._ivf_lists(1_000_000) == 4000  # 4·√N
+    assert ann._ivf_lists(10_000) == 256  # capped at N/39 training points per list
 
 
 def test_faiss_labels_map_back_to_rows_when_rows_were_held_out():
     # 7 rows, rows 2 and 5 added last: labels 0..4 are rows 0, 1, 3, 4, 6; labels 5, 6 rows 2, 5
     labels = np.array([[0, 1, 2, 3, 4, 5, 6, -1]])
-    np.testing.assert_array_equal(ix._label_rows(labels, np.array([2, 5]), 7), [[0, 1, 3, 4, 6, 2, 5, -1]])
+    np.testing.assert_array_equal(ann._label_rows(labels, np.array([2, 5]), 7), [[0, 1, 3, 4, 6, 2, 5, -1]])
 
 
 def test_flat_faiss_returns_the_exact_neighbours(tmp_path):
     rows, queries = unit_rows(500, 16), unit_rows(5, 16, seed=2)
-    fi = ix.build_faiss(ix.open_index(write_index(tmp_path / "emb.npy", rows)), kind="flat")
-    scores, ids = ix.search_faiss(fi, queries, 7)
+    fi = ann.build_faiss(ix.open_index(write_index(tmp_path / "emb.npy", rows)), kind="flat")
+    scores, ids = ann.search_faiss(fi, queries, 7)
     ref_scores, ref_ids = brute_force(rows, queries, 7)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)
     assert fi.recall_at_10 == 1.0
     # Rows held out while tuning are added back under their own ids.
-    np.testing.assert_array_equal(ix.search_faiss(fi, rows, 1)[1][:, 0], np.arange(500))
+    np.testing.assert_array_equal(ann.search_faiss(fi, rows, 1)[1][:, 0], np.arange(500))
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_indexes_are_tuned_to_the_recall_target(tmp_path, kind):
     rows = clustered_rows(3000, 32)
     index = ix.open_index(write_index(tmp_path / "emb.npy", rows))
-    fi = ix.build_faiss(index, kind=kind)
+    fi = ann.build_faiss(index, kind=kind)
     assert fi.recall_at_10 >= 0.96 and len(fi) == 3000 and set(fi.params) & {"efSearch", "nprobe"}
     queries = clustered_rows(200, 32, seed=9)  # new points from the same distribution
-    _, ids = ix.search_faiss(fi, queries, 10)
+    _, ids = ann.search_faiss(fi, queries, 10)
     assert ix.recall_at_k(ids, brute_force(rows, queries, 10)[1]) >= 0.93
 
 
 def test_saved_faiss_index_is_reused_until_the_index_changes(tmp_path):
     path = write_index(tmp_path / "emb.npy", unit_rows(200, 8))
-    first = ix.load_or_build_faiss(ix.open_index(path), kind="flat")
+    first = ann.load_or_build_faiss(ix.open_index(path), kind="flat")
     assert first.built and os.path.exists(path + ".faiss") and os.path.exists(path + ".faiss.json")
-    again = ix.load_or_build_faiss(ix.open_index(path), kind="flat")
+    again = ann.load_or_build_faiss(ix.open_index(path), kind="flat")
     assert not again.built and len(again) == 200 and again.recall_at_10 == 1.0
 
     write_index(path, unit_rows(200, 8, seed=1), overwrite=True)  # same shape, new rows
-    assert ix.load_or_build_faiss(ix.open_index(path), kind="flat").built
-    assert ix.load_or_build_faiss(ix.open_index(path), kind="hnsw").built  # another kind asked
+    assert ann.load_or_build_faiss(ix.open_index(path), kind="flat").built
+    assert ann.load_or_build_faiss(ix.open_index(path), kind="hnsw").built  # another kind asked

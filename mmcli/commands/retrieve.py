@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from mmcli import ann
 from mmcli import index as ix
 from mmcli.errors import MmcliError
 
@@ -212,14 +213,14 @@ class _Exact:
 
 class _Faiss:
     def __init__(self, index: ix.Index):
-        self.fi = ix.load_or_build_faiss(index)
+        self.fi = ann.load_or_build_faiss(index)
         if self.fi.built:  # the recall check is news only when the index was just built
             print(f"built a FAISS {self.fi.kind} index {self.fi.path} in {self.fi.build_seconds:.1f} s "
                   f"({self.fi.params}); recall@10 against exact search: {self.fi.recall_at_10:.3f}",
                   file=sys.stderr)
 
     def __call__(self, queries, k: int):
-        return ix.search_faiss(self.fi, queries, k)
+        return ann.search_faiss(self.fi, queries, k)
 
     def describe(self) -> dict[str, Any]:
         return {"method": f"faiss {self.fi.kind}", "params": self.fi.params, "recall_at_10": self.fi.recall_at_10,
@@ -227,7 +228,7 @@ class _Faiss:
 
 
 def _searcher(index: ix.Index, use_faiss: bool):
-    """Exact search, or FAISS when asked or above :data:`mmcli.index.FAISS_AUTO_THRESHOLD` rows."""
-    if use_faiss or len(index) > ix.FAISS_AUTO_THRESHOLD:
+    """Exact search, or FAISS when asked or above :data:`mmcli.ann.FAISS_AUTO_THRESHOLD` rows."""
+    if use_faiss or len(index) > ann.FAISS_AUTO_THRESHOLD:
         return _Faiss(index)
     return _Exact(index)
