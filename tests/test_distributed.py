@@ -34,6 +34,7 @@ def test_two_ranks_match_one_process(tmp_path, shapes_dir):
         env=env, capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count('"run_dir"') == 1  # one summary, from rank 0
 
     runs = tmp_path / "runs"
     losses = {}

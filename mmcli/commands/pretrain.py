@@ -134,6 +134,7 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
             "interrupted": result.interrupted,
             "samples_per_s": round(result.samples_per_s, 1),
             "world_size": world.world_size,
+            "is_main": world.is_main,
             "device": str(world.device),
             "train": result.last_metrics,
             "val": result.last_validation,
