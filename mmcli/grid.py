@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -78,18 +77,21 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tupl
 
 
 def open_thumbnail(path: Union[str, Path], size: int) -> Optional[Image.Image]:
-    """``path`` as an RGB image fitting in size×size, or None when it cannot be read."""
+    """``path`` as an RGB image scaled to fit size×size, or None when it cannot be read.
+
+    Decoding goes through :func:`mmcli.data.images.load_image` (EXIF orientation, odd modes,
+    size guard). Small images are enlarged too, with nearest-neighbour so their pixels stay
+    crisp: a 64 px image in a 160 px tile should be looked at, not squinted at.
+    """
+    from mmcli.data.images import BadImage, load_image
+
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning on a huge image is not a reason to stop a search.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.draft("RGB", (size, size))  # JPEG: decode at reduced size, much faster
-                image = image.convert("RGB")
-        image.thumbnail((size, size))
-        return image
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        image = load_image(path, draft=(size, size))
+    except BadImage:
         return None  # missing, truncated or not an image: drawn as an "unreadable" tile
+    scale = size / max(image.size)
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
 
 
 def _fit(text: str, width: int, font) -> str:
