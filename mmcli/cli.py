@@ -186,6 +186,9 @@ def fuse(
     eval_only: Annotated[
         bool, typer.Option("--eval-only", help="Do not train: apply the spec's run folder to data.val and score it.")
     ] = False,
+    explain: Annotated[Optional[Path], typer.Option(
+        "--explain", help="Write PNGs of a few validation images, each region's box labelled with its "
+        "best-aligned caption concepts (graph fusion).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train or apply a fusion head (VQA answer classification or image–text matching) on a pretrained run."""
@@ -193,7 +196,7 @@ def fuse(
         from mmcli.commands.fuse import run
         from mmcli.render import render_fuse_summary
 
-        result = run(spec, overrides or [], resume=resume, eval_only=eval_only, device=State.device)
+        result = run(spec, overrides or [], resume=resume, eval_only=eval_only, device=State.device, explain=explain)
         if result.get("is_main", True):
             emit(result, as_json, render_fuse_summary)
         if result.get("interrupted"):

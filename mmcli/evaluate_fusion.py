@@ -28,7 +28,10 @@ def _to(batch: dict, device) -> dict:
 
 
 def _loader(loaded, examples: list[Example], labels: list[str], batch_size: int, workers: int = 0):
-    dataset = ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer))
+    from mmcli.models.downstream import uses_graph
+
+    dataset = ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer),
+                             concepts=uses_graph(loaded.model))
     return example_loader(dataset, batch_size=batch_size, train=False, seed=0, workers=workers)
 
 

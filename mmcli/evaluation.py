@@ -165,14 +165,20 @@ def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec) -> dict[str, Any
     return {**out, "n_train": int(len(y)), "n_test": int(len(ty)), "n_classes": len(names)}
 
 
-def fusion_task(task: str, run_dir: str, path: str, *, device, batch_size: int, image_conditioned: bool = False):
-    """VQA / ITM / MLM accuracy through ``mmcli.evaluate_fusion`` (needs a run folder)."""
+def fusion_task(task: str, run_dir: str, path: str, *, device, batch_size: int, image_conditioned: bool = False,
+                regions: Optional[str] = None):
+    """VQA / ITM / MLM accuracy through ``mmcli.evaluate_fusion``, region–concept alignment
+    accuracy through ``mmcli.evaluate_alignment`` (needs a run folder)."""
     try:
         from mmcli import evaluate_fusion
     except ImportError:
         raise MmcliError(f"{task}: this version of mmcli has no fused-model evaluation") from None
     if not os.path.isfile(os.path.join(run_dir, "mmcli.json")):
         raise MmcliError(f"{task}: model {run_dir} must be a run folder with the task's head")
+    if task == "alignment":
+        from mmcli.evaluate_alignment import evaluate_alignment
+
+        return evaluate_alignment(run_dir, path, regions=regions, device=device, batch_size=batch_size)
     if task == "mlm":
         return evaluate_fusion.evaluate_mlm(run_dir, path, image_conditioned=image_conditioned, device=device,
                                             batch_size=batch_size)

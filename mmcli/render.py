@@ -76,6 +76,8 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
         rows.append((f"base MLM {mode.replace('_', '-')}", f"{groups}; random-15% {mlm['random']['accuracy']:.3f}"))
     if "predictions" in result:
         rows += [("predictions", result["predictions"]), ("fused features", result["features"])]
+    if "explain" in result:
+        rows.append(("alignment pictures", f"{len(result['explain']['pictures'])} in {result['explain']['dir']}"))
     console.print(key_value_table(f"fuse {result['task']}", rows))
 
 

@@ -271,15 +271,72 @@ class OutputSpec(Section):
     ``--resume`` to continue it)."""
 
 
+class GraphSpec(Section):
+    """Region–concept graph reasoning (``mmcli.models.graph_fusion``): image regions and the
+    text's key concepts are the two sides of a bipartite graph, a GCN or GAT reasons over it, and
+    the region–concept alignment it infers is summarised and concatenated to the other features
+    before the prediction head."""
+
+    layer: Literal["gcn", "gat"] = "gat"
+    """The graph layer: ``gcn`` (graph convolution on the weighted adjacency) or ``gat`` (graph
+    attention, steered by the edge weights)."""
+
+    max_iters: int = Field(4, ge=1)
+    """At most this many rounds of message passing and edge re-weighting."""
+
+    tol: float = Field(1e-3, ge=0)
+    """Stop earlier once the node states change by less than this (relative norm) in a round,
+    for every graph of the batch; the rounds run are reported by ``mmcli eval``'s ``alignment``."""
+
+    depth_per_iter: int = Field(1, ge=1)
+    """Graph layers per round (their weights are shared across rounds)."""
+
+    heads: int = Field(4, ge=1)
+    """GAT heads; the graph width must be divisible by it."""
+
+    top_k: Optional[int] = Field(None, ge=1)
+    """Initial edges: ``null`` joins every region to every concept (dense); ``k`` keeps an edge
+    when the concept is among the region's ``k`` most similar or the region among the concept's."""
+
+    temperature: float = Field(0.1, gt=0)
+    """Edge weight ``exp((cos − 1) / temperature)``: lower is sharper."""
+
+    regions: Literal["given", "salient", "grid"] = "given"
+    """``given``: the boxes that come with the data (the shapes dataset's objects, or
+    ``data.boxes``), salient regions for an image without boxes; ``salient``: always found from
+    the image's own patch tokens (a fixed grid when nothing stands out); ``grid``: a fixed grid."""
+
+    max_regions: int = Field(4, ge=1)
+    """At most this many salient regions per image."""
+
+    grid: int = Field(2, ge=1)
+    """The fixed grid is ``grid × grid`` cells."""
+
+    align_weight: float = Field(2.0, ge=0)
+    """Weight of the weakly supervised alignment loss in ``mmcli fuse``: each region should match
+    some concept of its own image's caption better than any concept of the other captions of the
+    batch (a multiple-instance contrastive loss). Only caption text is used, never box labels;
+    0 turns it off."""
+
+    align_temperature: float = Field(0.1, gt=0)
+    """Temperature of the alignment loss's softmax over the batch's captions."""
+
+
 class FusionSpec(Section):
     """The fusion encoder that joins text and image features (used by ``mmlm``, ``itm``, ``mim``
     and by ``mmcli fuse``)."""
 
-    strategy: Literal["early", "late", "hybrid", "cross_attention"] = "cross_attention"
+    strategy: Literal["early", "late", "hybrid", "cross_attention", "graph"] = "cross_attention"
     """``cross_attention``: text tokens attend to the image's patch tokens (Q = text, K = V =
     image), layer after layer; ``early``: one transformer over text and patch tokens together;
-    ``late``: a combination of the two pooled embeddings; ``hybrid``: early and late side by side.
-    ``late`` keeps no token sequence, so it cannot serve ``mmlm`` or ``mim``."""
+    ``late``: a combination of the two pooled embeddings; ``hybrid``: early and late side by side;
+    ``graph``: region–concept graph reasoning (``graph``) over the pooled embeddings alone.
+    ``late`` and ``graph`` keep no token sequence, so they cannot serve ``mmlm`` or ``mim``."""
+
+    graph: Optional[GraphSpec] = None
+    """Region–concept graph reasoning. With ``strategy: graph`` its alignment features join the
+    pooled embeddings (default settings when omitted); with another strategy they are
+    concatenated to that strategy's fused features (e.g. ``cross_attention`` + ``graph``)."""
 
     dim: Optional[int] = Field(None, gt=0)
     """Width of the fused features; default: the text tower's width."""
@@ -306,7 +363,11 @@ class FusionSpec(Section):
 
     def has_tokens(self) -> bool:
         """Whether the strategy keeps a fused token sequence (needed by ``mmlm`` and ``mim``)."""
-        return self.strategy != "late"
+        return self.strategy not in ("late", "graph")
+
+    def graph_spec(self) -> Optional[GraphSpec]:
+        """The graph settings in use: ``graph``, or the defaults for ``strategy: graph``."""
+        return self.graph if self.graph is not None or self.strategy != "graph" else GraphSpec()
 
 
 class PretrainSpec(Section):
@@ -336,9 +397,13 @@ class PretrainSpec(Section):
         needing = [name for name in ("mmlm", "itm", "mim") if name in enabled]
         if needing and self.fusion is None:
             raise ValueError(f"fusion: missing; objectives {', '.join(needing)} need it")
+        if self.fusion is not None and self.fusion.graph_spec() is not None:
+            # Pretraining batches carry no boxes or concept spans for the graph to read.
+            raise ValueError("fusion.graph: region–concept graph reasoning is trained by mmcli fuse, not pretrain")
         tokens = [name for name in ("mmlm", "mim") if name in enabled]
         if tokens and not self.fusion.has_tokens():
-            raise ValueError(f"fusion.strategy: late keeps no token sequence, which {', '.join(tokens)} need")
+            raise ValueError(f"fusion.strategy: {self.fusion.strategy} keeps no token sequence, "
+                             f"which {', '.join(tokens)} need")
         return self
 
     def run_dir(self) -> Path:
@@ -365,6 +430,11 @@ class FuseDataSpec(Section):
 
     val_max: int = Field(100_000, gt=0)
     """At most this many validation examples (questions or image–caption pairs) are scored."""
+
+    boxes: Optional[str] = None
+    """A JSONL file of region boxes that replace the records' object boxes (e.g. a detector's
+    output): one line per image, ``{"id": <record id>, "boxes": [[x0, y0, x1, y1], ...]}`` in the
+    image's pixels; images it does not list keep their own boxes."""
 
 
 class FuseSpec(Section):
@@ -593,6 +663,16 @@ class FusionEvalTaskSpec(Section):
     """A shapes JSONL file (``data/shapes/val.jsonl``)."""
 
 
+class AlignmentEvalTaskSpec(FusionEvalTaskSpec):
+    """Region–concept alignment accuracy of a run with a graph fusion: for each object of an
+    image, whether the concept of the image's caption best aligned with the object's region
+    names its own colour and/or shape (the box labels are used only to score)."""
+
+    regions: Optional[Literal["given", "salient", "grid"]] = None
+    """The regions to reason over; default: the run's own setting. With automatic regions an
+    object is scored through the region overlapping its box most (IoU ≥ 0.3; else a miss)."""
+
+
 class MlmEvalTaskSpec(FusionEvalTaskSpec):
     """Masked-token accuracy on the colour and shape words of shapes captions."""
 
@@ -627,6 +707,9 @@ class EvalSpec(Section):
     mlm: Optional[MlmEvalTaskSpec] = None
     """Masked-token accuracy of a run with an MLM head."""
 
+    alignment: Optional[AlignmentEvalTaskSpec] = None
+    """Region–concept alignment accuracy of a run with a graph fusion."""
+
     output: str = "eval.json"
     """The results file: a JSON list of ``{dataset, model, pretrained, task, metrics}`` records,
     shaped like CLIP_benchmark's."""
@@ -644,7 +727,7 @@ class EvalSpec(Section):
         return self
 
 
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm")
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment")
 """The task sections of :class:`EvalSpec`, in the order they run."""
 
 SPEC_KINDS["eval"] = EvalSpec

@@ -141,3 +141,57 @@ def test_cli_fuse_error_is_one_line_exit_2(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"mmcli: error: {tmp_path / 'fuse-missing.yaml'}: no such spec file"]
+
+
+def test_fuse_graph_trains_explains_and_eval_reports_alignment(base_run, shapes_dir, tmp_path):
+    from PIL import Image
+
+    from mmcli.commands.evaluate import run as evaluate
+    from mmcli.commands.fuse import run
+    from mmcli.explain import BOX_COLOURS
+
+    spec = _write(tmp_path / "fuse-graph.yaml", {
+        "base": str(base_run), "task": "vqa",
+        "data": {"train": str(shapes_dir / "train.jsonl"), "val": str(shapes_dir / "val.jsonl"), "batch_size": 16,
+                 "workers": 0},
+        "fusion": {"strategy": "graph", "graph": {"layer": "gcn", "max_iters": 3, "align_weight": 0.5}},
+        "encoders": "frozen", "train": {"steps": 2, "lr": 1e-3, "log_every": 1},
+        "output": {"dir": str(tmp_path), "name": "graph"},
+    })
+    result = run(spec, [], device="cpu", explain=tmp_path / "explain")
+    run_dir = Path(result["run_dir"])
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in logged if r["kind"] == "train"]
+    # The total is the VQA loss plus half the alignment loss.
+    assert all(r["loss"] == pytest.approx(r["vqa"] + 0.5 * r["align"], abs=1e-5) for r in train_rows)
+    records = [json.loads(line) for line in (shapes_dir / "val.jsonl").read_text().splitlines()]
+    pictures = result["explain"]["pictures"]
+    assert len(pictures) == 6 and Path(pictures[0]).name == Path(records[0]["image"]).stem + ".png"
+    picture = Image.open(pictures[0]).convert("RGB")
+    assert picture.width == 6 * records[0]["width"] and picture.height > 6 * records[0]["height"]
+    x0, y0, x1, y1 = records[0]["objects"][0]["box"]  # given boxes: region 0 is object 0
+    assert picture.getpixel((6 * x0, 3 * (y0 + y1))) == BOX_COLOURS[0]
+
+    eval_spec = _write(tmp_path / "eval.yaml", {
+        "model": str(run_dir), "vqa": {"path": str(shapes_dir / "val.jsonl")},
+        "alignment": {"path": str(shapes_dir / "val.jsonl")},
+        "output": str(tmp_path / "eval.json"), "workers": 0})
+    results = evaluate(eval_spec, [], device="cpu")["results"]
+    assert results[0]["task"] == "vqa" and results[0]["metrics"]["accuracy"] == result["report"]["accuracy"]
+    scores = results[1]["metrics"]
+    objects = sum(len(r["objects"]) for r in records)
+    assert scores["n_objects"] == objects and scores["objects_with_region"] == 1.0
+    assert 0 <= scores["accuracy"] <= 1 and 1 <= scores["iterations"] <= 3
+    grid = evaluate(eval_spec, ["alignment.regions=grid"], device="cpu")["results"][1]["metrics"]
+    assert grid["regions"] == "grid" and grid["n_objects"] == objects and grid["objects_with_region"] < 1.0
+
+
+def test_graph_reasoning_is_not_a_pretraining_strategy(tmp_path):
+    from mmcli.spec import FusionSpec, PretrainSpec, load_spec
+
+    assert FusionSpec(strategy="graph").graph_spec().layer == "gat"
+    assert FusionSpec(strategy="cross_attention").graph_spec() is None
+    path = _write(tmp_path / "pretrain-g.yaml", {"data": {"train": {"path": "x.tsv"}}, "train": {"steps": 1},
+                                                 "objectives": {"itm": {}}, "fusion": {"strategy": "graph"}})
+    with pytest.raises(MmcliError, match="fusion.graph: region–concept graph reasoning is trained by mmcli fuse"):
+        load_spec(path, PretrainSpec)

@@ -10,7 +10,8 @@ from mmcli.errors import MmcliError
 from mmcli.spec import EVAL_TASKS, EvalSpec, apply_overrides, read_yaml, validate
 
 TASK_NAMES = {"zero_shot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-              "linear_probe": "linear_probe", "vqa": "vqa", "itm": "image_text_matching", "mlm": "masked_language_modelling"}
+              "linear_probe": "linear_probe", "vqa": "vqa", "itm": "image_text_matching", "mlm": "masked_language_modelling",
+              "alignment": "region_concept_alignment"}
 """The ``task`` written in the results, as CLIP_benchmark names its tasks where it has them."""
 
 
@@ -60,7 +61,8 @@ def run(spec_path: Optional[Path], overrides: list[str], *, flags: dict[str, Any
             scores = evaluation.linear_probe(embedder, task_spec)
         else:
             raw = evaluation.fusion_task(task, spec.model, task_spec.path, device=dev, batch_size=spec.batch_size,
-                                         image_conditioned=getattr(task_spec, "image_conditioned", False))
+                                         image_conditioned=getattr(task_spec, "image_conditioned", False),
+                                         regions=getattr(task_spec, "regions", None))
             scores = flatten({k: v for k, v in raw.items() if k not in ("task", "data", "rows", "predictions")})
         results.append({"dataset": dataset, "model": loaded.arch, "pretrained": loaded.ref,
                         "checksum": loaded.checksum, "task": TASK_NAMES[task], "metrics": scores})

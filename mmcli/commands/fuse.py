@@ -26,8 +26,11 @@ FEATURES = "fused.npy"
 
 
 def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_only: bool = False,
-        device: str = "auto") -> dict[str, Any]:
-    """Run a fuse spec: train then apply, or only apply (``eval_only``); return the summary."""
+        device: str = "auto", explain: Path | None = None) -> dict[str, Any]:
+    """Run a fuse spec: train then apply, or only apply (``eval_only``); return the summary.
+
+    ``explain``: a folder for PNGs of a few validation images with each region's box labelled
+    by its best-aligned caption concepts (graph fusion only)."""
     spec: FuseSpec = load_spec(spec_path, FuseSpec, overrides)
     from mmcli.distributed import close_world, init_world
 
@@ -35,7 +38,7 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_onl
     try:
         result = {} if eval_only else _train(spec, world, resume)
         if world.is_main and spec.data.val is not None and not result.get("interrupted"):
-            result.update(apply(spec.run_dir(), spec, world.device))
+            result.update(apply(spec.run_dir(), spec, world.device, explain))
         return {"run_dir": str(spec.run_dir()), "task": spec.task, "base": spec.base, "eval_only": eval_only,
                 "is_main": world.is_main, "device": str(world.device), **result}
     finally:
@@ -43,9 +46,11 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_onl
 
 
 def _examples(spec: FuseSpec, path: str):
-    from mmcli.data.vqa import matching_examples, question_examples, read_shapes_jsonl
+    from mmcli.data.vqa import apply_box_file, matching_examples, question_examples, read_shapes_jsonl
 
     records = read_shapes_jsonl(path)
+    if spec.data.boxes is not None:
+        records = apply_box_file(records, spec.data.boxes)
     return question_examples(records) if spec.task == "vqa" else matching_examples(records, spec.train.seed)
 
 
@@ -76,7 +81,8 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
 
     # The deterministic transform: a random crop could cut a shape off and change the answer.
     tokenize = Tokenize(base.tokenizer)
-    dataset = ExampleDataset(examples, labels, base.preprocess, tokenize)
+    concepts = modules["fusion"]["strategy"] == "graph"
+    dataset = ExampleDataset(examples, labels, base.preprocess, tokenize, concepts=concepts)
     per_rank = spec.data.batch_size // world.world_size
 
     def loaders(epoch: int, start_batch: int):
@@ -87,13 +93,13 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     per_epoch = len(loaders(0, 0))
     if per_epoch == 0:
         raise MmcliError(f"{spec.data.train}: fewer examples than one batch ({spec.data.batch_size})")
-    validate = _validator(spec, labels, tokenize, base.preprocess, world.device, per_rank)
+    validate = _validator(spec, labels, tokenize, base.preprocess, world.device, per_rank, concepts)
     meta = {"mmcli_version": __version__, "arch": base.arch, "kind": "fuse", "task": spec.task, "base": spec.base,
             "modules": modules}
     if spec.task == "vqa":
         meta["answer_prior"] = answer_prior(examples)
     task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
-    result = train(task, model=model, weights={spec.task: 1.0}, loaders=loaders, batches_per_epoch=per_epoch,
+    result = train(task, model=model, weights=task.loss_weights(), loaders=loaders, batches_per_epoch=per_epoch,
                    spec=spec.train, world=world, run_dir=run_dir, meta=meta, validate=validate,
                    resume=resume_state, progress_label=f"fuse {spec.task}")
     return {"parameters": count_parameters(model), "trained_parameters": count_parameters(task), "steps": result.steps,
@@ -101,39 +107,48 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
             "world_size": world.world_size, "train": result.last_metrics, "val": result.last_validation}
 
 
-def _validator(spec: FuseSpec, labels, tokenize, preprocess, device, batch_size):
+def _validator(spec: FuseSpec, labels, tokenize, preprocess, device, batch_size, concepts: bool):
     from mmcli.data.vqa import ExampleDataset, example_loader
     from mmcli.evaluate_fusion import fuse_validator
 
     if spec.data.val is None:
         return None
     examples = _examples(spec, spec.data.val)[: spec.data.val_max]
-    loader = example_loader(ExampleDataset(examples, labels, preprocess, tokenize), batch_size=batch_size,
-                            train=False, seed=spec.train.seed)
+    dataset = ExampleDataset(examples, labels, preprocess, tokenize, concepts=concepts)
+    loader = example_loader(dataset, batch_size=batch_size, train=False, seed=spec.train.seed)
     return fuse_validator(loader, examples, labels, spec.task, device)
 
 
-def apply(run_dir: Path, spec: FuseSpec, device) -> dict[str, Any]:
+def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) -> dict[str, Any]:
     """Predict on ``spec.data.val`` with the run folder's model, write the predictions and fused
-    features, and score them (plus the base run's MLM accuracy when it has an MLM head)."""
+    features, and score them (plus the base run's MLM accuracy when it has an MLM head); with
+    ``explain``, also write alignment pictures there."""
     from mmcli.commands.pretrain import Tokenize
     from mmcli.data.vqa import ExampleDataset, example_loader
     from mmcli.evaluate_fusion import accuracy_report, evaluate_mlm, predict
-    from mmcli.models.downstream import task_labels
+    from mmcli.models.downstream import task_labels, uses_graph
     from mmcli.models.loading import is_run_dir, load_model
 
     if not is_run_dir(run_dir):
         raise MmcliError(f"{run_dir}: no fuse run to evaluate; run mmcli fuse without --eval-only first")
     loaded = load_model(str(run_dir), device=device)
+    graph = uses_graph(loaded.model)
+    if explain is not None and not graph:
+        raise MmcliError("--explain: the run's fusion has no region–concept graph (use fusion.strategy: graph "
+                         "or a fusion.graph section)")
     labels = task_labels(loaded.model, spec.task)
     examples = _examples(spec, spec.data.val)[: spec.data.val_max]
-    loader = example_loader(ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer)),
-                            batch_size=spec.data.batch_size, train=False, seed=spec.train.seed)
+    dataset = ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer), concepts=graph)
+    loader = example_loader(dataset, batch_size=spec.data.batch_size, train=False, seed=spec.train.seed)
     rows, features = predict(loaded.model, loader, examples, labels, spec.task, device)
     _write_jsonl(Path(run_dir) / PREDICTIONS, rows)
     write_features(Path(run_dir) / FEATURES, features, [r["id"] for r in rows], loaded, spec.task)
     out = {"report": accuracy_report(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
            "features": str(Path(run_dir) / FEATURES)}
+    if explain is not None:
+        from mmcli.explain import write_explanations
+
+        out["explain"] = write_explanations(loaded.model, dataset, Path(explain), device=device)
     base_modules = ckpt.read_meta(Path(spec.base)).get("modules", {})
     if "mlm_head" in base_modules:
         image_ok = base_modules.get("fusion", {}).get("strategy", "late") != "late"

@@ -12,6 +12,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,8 @@ class Example:
     type: str
     """The question type (``color``, ``count``, …), or ``match``/``mismatch`` for ITM."""
     boxes: tuple[tuple[int, int, int, int], ...] = field(default=(), hash=False)
+    caption: str = ""
+    """The image's own caption (the text of the weakly supervised region–concept alignment)."""
 
 
 def read_shapes_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -66,12 +69,43 @@ def _boxes(record: dict[str, Any]) -> tuple:
     return tuple(tuple(o["box"]) for o in record.get("objects", []))
 
 
+def apply_box_file(records: list[dict[str, Any]], path: str | Path) -> list[dict[str, Any]]:
+    """Records whose object boxes are replaced by those of a box JSONL file (``{"id": ...,
+    "boxes": [[x0, y0, x1, y1], ...]}`` per line, e.g. a detector's output); records the file
+    does not list are unchanged. The replaced objects carry boxes only (no labels)."""
+    boxes: dict[str, list] = {}
+    for number, row in enumerate(read_jsonl_rows(path), start=1):
+        if not isinstance(row.get("boxes"), list) or "id" not in row:
+            raise MmcliError(f"{path}: line {number}: expected {{\"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}}")
+        if any(len(b) != 4 for b in row["boxes"]):
+            raise MmcliError(f"{path}: line {number}: every box needs 4 numbers (x0, y0, x1, y1)")
+        boxes[str(row["id"])] = row["boxes"]
+    return [{**r, "objects": [{"box": b} for b in boxes[r["id"]]]} if r["id"] in boxes else r for r in records]
+
+
+def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, with one-line errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmcliError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise MmcliError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
 def question_examples(records: list[dict[str, Any]]) -> list[Example]:
     """Every question of every record, in file order (id ``<record id>-q<k>``)."""
     out = []
     for record in records:
         for k, q in enumerate(record.get("questions", [])):
-            out.append(Example(f"{record['id']}-q{k}", record["image"], q["question"], q["answer"], q["type"], _boxes(record)))
+            out.append(Example(f"{record['id']}-q{k}", record["image"], q["question"], q["answer"], q["type"],
+                               _boxes(record), record["caption"]))
     return out
 
 
@@ -82,10 +116,12 @@ def matching_examples(records: list[dict[str, Any]], seed: int) -> list[Example]
     several = len({r["caption"] for r in records}) > 1
     out = []
     for record in records:
-        out.append(Example(f"{record['id']}-match", record["image"], record["caption"], "yes", "match", _boxes(record)))
+        out.append(Example(f"{record['id']}-match", record["image"], record["caption"], "yes", "match", _boxes(record),
+                           record["caption"]))
         if several:
             text = _draw_other(rng, records, record)
-            out.append(Example(f"{record['id']}-mismatch", record["image"], text, "no", "mismatch", _boxes(record)))
+            out.append(Example(f"{record['id']}-mismatch", record["image"], text, "no", "mismatch", _boxes(record),
+                               record["caption"]))
     return out
 
 
@@ -113,13 +149,19 @@ def answer_prior(examples: list[Example]) -> dict[str, dict[str, int]]:
 
 class ExampleDataset(Dataset):
     """Decoded examples: image tensor, text tokens, label id (``IGNORE_INDEX`` when the label is
-    not among ``labels``); an undecodable image gives ``None``."""
+    not among ``labels``), boxes in pixels of the image tensor; an undecodable image gives ``None``.
+
+    With ``concepts`` each example also carries the token spans of the key concepts of its text
+    and of its caption, and the caption's tokens (what graph fusion and its alignment loss read).
+    Boxes are mapped from the file's pixels to the tensor's assuming the preprocessing resizes
+    the shorter side and crops the centre (open_clip's evaluation transform).
+    """
 
     def __init__(self, examples: list[Example], labels: list[str], image_fn: Callable, tokenize: Callable,
-                 max_pixels: int = 89_478_485):
+                 max_pixels: int = 89_478_485, concepts: bool = False):
         self.examples, self.image_fn, self.tokenize = examples, image_fn, tokenize
         self.label_ids = {label: i for i, label in enumerate(labels)}
-        self.max_pixels = max_pixels
+        self.max_pixels, self.concepts = max_pixels, concepts
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -130,21 +172,54 @@ class ExampleDataset(Dataset):
             image = load_image(e.image, max_pixels=self.max_pixels)
         except BadImage:
             return None
-        return {"image": self.image_fn(image), "text": self.tokenize(e.text), "index": index,
-                "label": self.label_ids.get(e.label, IGNORE_INDEX), "boxes": e.boxes}
+        pixels = self.image_fn(image)
+        item = {"image": pixels, "text": self.tokenize(e.text), "index": index,
+                "label": self.label_ids.get(e.label, IGNORE_INDEX),
+                "boxes": input_boxes(e.boxes, image.size, tuple(pixels.shape[-2:]))}
+        if self.concepts:
+            item.update(concept_spans=text_concept_spans(e.text), caption=self.tokenize(e.caption or e.text),
+                        caption_spans=text_concept_spans(e.caption or e.text))
+        return item
+
+
+def input_boxes(boxes: tuple, image_wh: tuple[int, int], input_hw: tuple[int, int]) -> tuple:
+    """``boxes`` of an image of ``image_wh`` pixels in the pixels of the ``input_hw`` tensor made
+    by resizing its shorter side to the input's and cropping the centre."""
+    if not boxes:
+        return ()
+    (width, height), (out_h, out_w) = image_wh, input_hw
+    scale = max(out_h / height, out_w / width)
+    dx, dy = (width * scale - out_w) / 2, (height * scale - out_h) / 2
+    return tuple((x0 * scale - dx, y0 * scale - dy, x1 * scale - dx, y1 * scale - dy) for x0, y0, x1, y1 in boxes)
+
+
+@lru_cache(maxsize=65536)
+def text_concept_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Token spans of the key concepts of ``text`` (cached: questions and captions repeat)."""
+    from mmcli.data.concepts import concept_token_spans
+
+    return tuple(concept_token_spans(text))
+
+
+def _pad_rows(rows: list[tuple], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example tuples of ``width`` numbers as a zero-padded ``[B, most, width]`` and a mask."""
+    most = max((len(r) for r in rows), default=0)
+    values = torch.zeros(len(rows), most, width, dtype=dtype)
+    mask = torch.zeros(len(rows), most, dtype=torch.bool)
+    for row, entries in enumerate(rows):
+        if entries:
+            values[row, : len(entries)] = torch.tensor(entries, dtype=dtype)
+            mask[row, : len(entries)] = True
+    return values, mask
 
 
 def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack examples; ``boxes`` [B, R, 4] (float, zero-padded) with ``box_mask`` [B, R]."""
+    """Stack examples; ``boxes`` [B, R, 4] (float, zero-padded) with ``box_mask`` [B, R]; with
+    concepts also ``concept_spans`` [B, C, 2] with ``concept_mask``, ``captions`` [B, L] and
+    ``caption_spans``/``caption_concept_mask``."""
     kept = [item for item in items if item is not None]
-    most = max((len(item["boxes"]) for item in kept), default=0)
-    boxes = torch.zeros(len(kept), most, 4)
-    box_mask = torch.zeros(len(kept), most, dtype=torch.bool)
-    for row, item in enumerate(kept):
-        if item["boxes"]:
-            boxes[row, : len(item["boxes"])] = torch.tensor(item["boxes"], dtype=torch.float32)
-            box_mask[row, : len(item["boxes"])] = True
-    return {
+    boxes, box_mask = _pad_rows([item["boxes"] for item in kept], 4, torch.float32)
+    batch = {
         "images": torch.stack([item["image"] for item in kept]) if kept else torch.empty(0, 3, 0, 0),
         "texts": torch.stack([item["text"] for item in kept]).long() if kept else torch.empty(0, 0, dtype=torch.long),
         "labels": torch.tensor([item["label"] for item in kept], dtype=torch.long),
@@ -153,6 +228,12 @@ def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         "box_mask": box_mask,
         "skipped": len(items) - len(kept),
     }
+    if kept and "concept_spans" in kept[0]:
+        batch["concept_spans"], batch["concept_mask"] = _pad_rows([i["concept_spans"] for i in kept], 2, torch.long)
+        batch["captions"] = torch.stack([item["caption"] for item in kept]).long()
+        spans = [item["caption_spans"] for item in kept]
+        batch["caption_spans"], batch["caption_concept_mask"] = _pad_rows(spans, 2, torch.long)
+    return batch
 
 
 def example_loader(dataset: ExampleDataset, *, batch_size: int, train: bool, seed: int, epoch: int = 0,

@@ -14,6 +14,7 @@ from torch import nn
 
 from mmcli.errors import MmcliError
 from mmcli.models.multimodal import MultimodalModel, fusion_config
+from mmcli.models.text import OPEN_CLIP_PAD_ID
 
 ITM_LABELS = ["no", "yes"]
 """ITM classes in the order of :class:`~mmcli.models.heads.ITMHead`'s logits (1 = matching)."""
@@ -60,16 +61,43 @@ def build_fuse_model(base: MultimodalModel, modules: dict[str, Any], reuse: list
     return model
 
 
+REGION_KEYS = ("boxes", "box_mask", "concept_spans", "concept_mask")
+"""Batch keys passed on to the fusion inputs for strategies that reason over regions and concepts."""
+
+
+def uses_graph(model: MultimodalModel) -> bool:
+    """Whether the model's fusion reasons over regions and concepts (its batches need concept spans)."""
+    return model.modules_config.get("fusion", {}).get("strategy") == "graph"
+
+
+def pair_inputs(model: MultimodalModel, batch: dict) -> dict:
+    """The fusion inputs of a batch of examples (regions and concepts included when present)."""
+    return model.encode_pair(batch["images"], batch["texts"], **{k: batch[k] for k in REGION_KEYS if k in batch})
+
+
 def task_outputs(model: MultimodalModel, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, fused)``: the task head's logits [B, classes] and the pooled fused features."""
-    inputs = model.encode_pair(batch["images"], batch["texts"], batch.get("boxes"), batch.get("box_mask"))
-    fused = model.fusion(inputs)
+    fused = model.fusion(pair_inputs(model, batch))
     head = model.vqa_head if task == "vqa" else model.itm_head
     return head(fused), fused
 
 
+def caption_inputs(model: MultimodalModel, inputs: dict, batch: dict) -> dict:
+    """Fusion inputs of the batch's images with their own captions (and the captions' concepts)."""
+    captions = batch["captions"]
+    return {**inputs, "text_tokens": model.text_states(captions), "text_mask": captions != OPEN_CLIP_PAD_ID,
+            "concept_spans": batch["caption_spans"], "concept_mask": batch["caption_concept_mask"]}
+
+
+def caption_graph(model: MultimodalModel, inputs: dict, batch: dict, regions: str | None = None):
+    """The graph fusion's reasoning over the batch's images and their own captions' concepts."""
+    return model.fusion.reason(caption_inputs(model, inputs, batch), regions)
+
+
 class FuseTask(nn.Module):
-    """The training loop's view of a fuse run: ``forward(batch)`` returns ``{task: loss}``.
+    """The training loop's view of a fuse run: ``forward(batch)`` returns ``{task: loss}``, plus
+    ``align`` (the weakly supervised region–concept alignment loss on the images' own captions)
+    when the fusion is a graph fusion with a non-zero ``align_weight``.
 
     ``frozen`` stops gradients into the dual encoder; the fusion encoder and head always train.
     """
@@ -80,8 +108,20 @@ class FuseTask(nn.Module):
         if frozen:
             model.clip.requires_grad_(False)
         self.find_unused = False
+        self.align_weight = getattr(model.fusion, "align_weight", 0.0) if uses_graph(model) else 0.0
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of the named losses ``forward`` returns."""
+        return {self.task: 1.0, **({"align": self.align_weight} if self.align_weight > 0 else {})}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Cross-entropy of the task head on the batch's labels."""
-        logits, _ = task_outputs(self.model, batch, self.task)
-        return {self.task: F.cross_entropy(logits.float(), batch["labels"])}
+        """Cross-entropy of the task head on the batch's labels (and the alignment loss)."""
+        from mmcli.models.graph_fusion import alignment_loss
+
+        inputs = pair_inputs(self.model, batch)
+        head = self.model.vqa_head if self.task == "vqa" else self.model.itm_head
+        losses = {self.task: F.cross_entropy(head(self.model.fusion(inputs)).float(), batch["labels"])}
+        if self.align_weight > 0:
+            nodes = self.model.fusion.nodes(caption_inputs(self.model, inputs, batch))
+            losses["align"] = alignment_loss(*nodes, temperature=self.model.fusion.align_temperature)
+        return losses

@@ -9,6 +9,8 @@ reading only the keys it needs from
 - ``text_pooled``  [B, Et]     pooled text embedding
 - ``image_pooled`` [B, Ei]     pooled image embedding
 
+(``graph``, in ``mmcli.models.graph_fusion``, also reads region boxes and concept spans.)
+
 Strategies that keep a fused text sequence also offer ``forward_tokens(inputs) -> [B, L, dim]``
 (for masked language modelling on fused features). Each module has ``out_dim``.
 """
@@ -286,8 +288,15 @@ FUSION_STRATEGIES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_fusion(strategy: str, **options) -> nn.Module:
-    """Build the fusion module named ``strategy`` with its constructor's keyword ``options``."""
+    """Build the fusion module named ``strategy`` with its constructor's keyword ``options``.
+
+    ``graph`` is :class:`~mmcli.models.graph_fusion.GraphFusion`, which may wrap another strategy
+    (``options["inner"]``); it is imported here because it builds its inner strategy with this."""
+    if strategy == "graph":
+        from mmcli.models.graph_fusion import GraphFusion
+
+        return GraphFusion(**options)
     if strategy not in FUSION_STRATEGIES:
-        choices = ", ".join(FUSION_STRATEGIES)
+        choices = ", ".join([*FUSION_STRATEGIES, "graph"])
         raise ValueError(f"unknown fusion strategy {strategy!r}; choose one of {choices}")
     return FUSION_STRATEGIES[strategy](**options)

@@ -100,17 +100,19 @@ class MultimodalModel(nn.Module):
 
     def fusion_inputs(self, texts: torch.Tensor, text_states: torch.Tensor, **features) -> dict[str, torch.Tensor]:
         """The fusion contract's dict: ``text_tokens``, ``text_mask`` and whichever of
-        ``image_tokens``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask`` are given."""
+        ``image_tokens``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask``,
+        ``concept_spans``, ``concept_mask`` are given."""
         inputs = {"text_tokens": text_states, "text_mask": texts != OPEN_CLIP_PAD_ID}
         inputs.update({k: v for k, v in features.items() if v is not None})
         return inputs
 
-    def encode_pair(self, images: torch.Tensor, texts: torch.Tensor, boxes=None, box_mask=None) -> dict:
-        """Everything a fusion strategy may read for image–text pairs (see :meth:`fusion_inputs`)."""
+    def encode_pair(self, images: torch.Tensor, texts: torch.Tensor, **regions) -> dict:
+        """Everything a fusion strategy may read for image–text pairs (see :meth:`fusion_inputs`);
+        ``regions`` are the optional ``boxes``, ``box_mask``, ``concept_spans``, ``concept_mask``."""
         pooled, tokens = self.encode_image_tokens(images)
         return self.fusion_inputs(
             texts, self.text_states(texts), image_tokens=tokens, image_pooled=F.normalize(pooled, dim=-1),
-            text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1), boxes=boxes, box_mask=box_mask,
+            text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1), **regions,
         )
 
     def mlm_logits(self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> MaskedLogits:
@@ -179,6 +181,9 @@ def fusion_config(spec, clip: nn.Module) -> dict[str, Any]:
     """The ``fusion`` entry of a modules config for a :class:`~mmcli.spec.FusionSpec`."""
     from mmcli.errors import MmcliError
 
+    graph = spec.graph_spec()
+    if graph is not None:
+        return graph_fusion_config(spec, graph, clip)
     dims = tower_dims(clip)
     dim = spec.dim or dims["text_dim"]
     if spec.strategy == "late":
@@ -195,6 +200,24 @@ def fusion_config(spec, clip: nn.Module) -> dict[str, Any]:
         cfg.update(text_pooled_dim=dims["text_pooled_dim"], image_pooled_dim=dims["image_pooled_dim"],
                    late_mode=spec.late_mode)
     return cfg
+
+
+def graph_fusion_config(spec, graph, clip: nn.Module) -> dict[str, Any]:
+    """The ``fusion`` entry of a graph fusion: the graph settings, and for a strategy other than
+    ``graph`` that strategy's own entry as ``inner`` (its features join the alignment features)."""
+    from mmcli.errors import MmcliError
+
+    dims = tower_dims(clip)
+    dim = spec.dim or dims["text_dim"]
+    if graph.layer == "gat" and dim % graph.heads:
+        raise MmcliError(f"fusion.graph.heads: the graph width {dim} is not divisible by {graph.heads} heads")
+    inner = None
+    if spec.strategy != "graph":
+        inner = fusion_config(spec.model_copy(update={"graph": None}), clip)
+    size = clip.visual.image_size
+    return {"strategy": "graph", "dim": dim, "image_dim": dims["image_dim"], "text_dim": dims["text_dim"],
+            "text_pooled_dim": dims["text_pooled_dim"], "image_pooled_dim": dims["image_pooled_dim"],
+            "image_size": size if isinstance(size, int) else list(size), "graph": graph.model_dump(), "inner": inner}
 
 
 def mask_token_config(clip: nn.Module) -> dict[str, Any]:
