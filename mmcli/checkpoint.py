@@ -126,6 +126,21 @@ def load_train_state(run_dir: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def resume_into(run_dir: Path, model: torch.nn.Module, resume: bool) -> dict[str, Any] | None:
+    """With ``resume``, load the run's weights into ``model`` and return its training state."""
+    if not resume:
+        return None
+    load_weights_into(run_dir, model)
+    return load_train_state(run_dir)
+
+
+def save_spec(run_dir: Path, spec: Any) -> None:
+    """Write the resolved spec (a pydantic model) as ``spec.yaml``."""
+    import yaml
+
+    atomic_write_text(Path(run_dir) / SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+
 def load_weights_into(run_dir: Path, model: torch.nn.Module) -> None:
     """Load a run folder's weights into an already-built :class:`MultimodalModel`."""
     run_dir = Path(run_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mmcli import __version__
 from mmcli import checkpoint as ckpt
@@ -71,12 +70,9 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     labels = answer_vocabulary(examples) if spec.task == "vqa" else ITM_LABELS
     modules = fuse_modules(base.model, spec.base, spec, labels)
     model = build_fuse_model(base.model, modules, reused_modules(base.model, spec)).to(world.device)
-    resume_state = None
-    if resume:
-        ckpt.load_weights_into(run_dir, model)
-        resume_state = ckpt.load_train_state(run_dir)
+    resume_state = ckpt.resume_into(run_dir, model, resume)
     if world.is_main:
-        ckpt.atomic_write_text(run_dir / ckpt.SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        ckpt.save_spec(run_dir, spec)
         shutil.copyfile(Path(spec.base) / ckpt.OPEN_CLIP_CONFIG, run_dir / ckpt.OPEN_CLIP_CONFIG)
 
     # The deterministic transform: a random crop could cut a shape off and change the answer.

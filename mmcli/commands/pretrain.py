@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from mmcli import __version__
 from mmcli import checkpoint as ckpt
@@ -81,12 +80,9 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
         encoder = build_dual_encoder(spec.model, device=world.device)
         objectives = spec.objectives.enabled()
         model = build_multimodal(encoder.model, objectives, spec.fusion).to(world.device)
-        resume_state = None
-        if resume:
-            ckpt.load_weights_into(run_dir, model)
-            resume_state = ckpt.load_train_state(run_dir)
+        resume_state = ckpt.resume_into(run_dir, model, resume)
         if world.is_main:
-            ckpt.atomic_write_text(run_dir / ckpt.SPEC, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+            ckpt.save_spec(run_dir, spec)
             ckpt.save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)),
                                        encoder.preprocess_config)
 
