@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 COMMANDS = [[], ["data"], ["data", "shapes"], ["pretrain"], ["embed"], ["retrieve"], ["fuse"], ["eval"]]
 
@@ -58,12 +57,6 @@ def test_bad_device_is_a_clear_error(tmp_path):
     spec.write_text("data:\n  train:\n    path: x.tsv\ntrain:\n  steps: 1\n")
     r = _run(["--device", "tpu", "pretrain", str(spec)])
     assert r.returncode == 2 and "--device: unknown device 'tpu'" in r.stderr
-
-
-@pytest.mark.parametrize("name", [])
-def test_placeholder(name):  # filled as commands land
-    r = _run([name])
-    assert r.returncode == 2 and "not yet available" in r.stderr
 
 
 def test_version():
