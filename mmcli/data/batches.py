@@ -54,7 +54,9 @@ def make_sample(
     sample_seed = mix_seed(*seed_key)
     python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed)
+        # The CPU generator alone: torch.manual_seed also queues a lazy CUDA seeding that records a
+        # Python traceback on every call, which cost more than decoding the image here.
+        torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
         try:
             pixels = image_fn(image)
