@@ -44,22 +44,13 @@ class Example:
 def read_shapes_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a shapes JSONL file, with one-line errors naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise MmcliError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MmcliError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in ("id", "image", "caption") if k not in record]
-            if missing:
-                raise MmcliError(f"{path}: line {number}: missing {', '.join(missing)} (not a shapes JSONL file?)")
-            record["image"] = os.path.abspath(path.parent / record["image"])
-            records.append(record)
+    for number, record in read_jsonl_rows(path):
+        missing = [k for k in ("id", "image", "caption") if k not in record]
+        if missing:
+            raise MmcliError(f"{path}: line {number}: missing {', '.join(missing)} (not a shapes JSONL file?)")
+        record["image"] = os.path.abspath(path.parent / record["image"])
+        records.append(record)
     if not records:
         raise MmcliError(f"{path}: no records")
     return records
@@ -74,7 +65,7 @@ def apply_box_file(records: list[dict[str, Any]], path: str | Path) -> list[dict
     "boxes": [[x0, y0, x1, y1], ...]}`` per line, e.g. a detector's output); records the file
     does not list are unchanged. The replaced objects carry boxes only (no labels)."""
     boxes: dict[str, list] = {}
-    for number, row in enumerate(read_jsonl_rows(path), start=1):
+    for number, row in read_jsonl_rows(path):
         if not isinstance(row.get("boxes"), list) or "id" not in row:
             raise MmcliError(f"{path}: line {number}: expected {{\"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}}")
         if any(len(b) != 4 for b in row["boxes"]):
@@ -83,8 +74,9 @@ def apply_box_file(records: list[dict[str, Any]], path: str | Path) -> list[dict
     return [{**r, "objects": [{"box": b} for b in boxes[r["id"]]]} if r["id"] in boxes else r for r in records]
 
 
-def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, with one-line errors naming the file and line."""
+def read_jsonl_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file; one-line errors name
+    the file and line."""
     path = Path(path)
     if not path.is_file():
         raise MmcliError(f"{path}: no such file")
@@ -93,7 +85,7 @@ def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise MmcliError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
     return rows
