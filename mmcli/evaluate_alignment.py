@@ -4,7 +4,9 @@ Each image is reasoned over with its own caption's concepts. For every object of
 region that overlaps its box most stands for it (with the given boxes, its own box), and the
 object counts as aligned when that region's best-aligned concept names the object's own colour
 and/or shape and nothing else of the kind ("red circle", "red" or "circle" for a red circle; not
-"blue circle", not "left of"). The box labels serve only this scoring.
+"blue circle"). Relation concepts ("left of") pass messages in the graph but are no region's
+alignment, so the pick is among the object and attribute concepts, and ``chance`` is a random
+pick among those. The box labels serve only this scoring.
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ def evaluate_alignment(run_dir: str | Path, jsonl_path: str | Path, *, regions: 
             size = (record.get("width", 0), record.get("height", 0))
             object_boxes = torch.tensor(input_boxes(examples[index].boxes, size, tuple(batch["images"].shape[-2:])))
             found = match_regions(object_boxes.reshape(-1, 4), boxes[row][box_mask[row]].cpu())
-            concepts = [c.text for c in extract_concepts(record["caption"])]
+            found_concepts = extract_concepts(record["caption"])
+            concepts = [c.text for c in found_concepts]
             hits += alignment_hits(out.alignment[row].cpu(), concepts, objects, found)
-            chance += [chance_rate(concepts, c, s) if f is not None else 0.0 for (c, s), f in zip(objects, found)]
+            grounded = [c.text for c in found_concepts if c.kind != "relation"]  # what the alignment picks from
+            chance += [chance_rate(grounded, c, s) if f is not None else 0.0 for (c, s), f in zip(objects, found)]
             matched += sum(f is not None for f in found)
     n = max(len(hits), 1)
     return {"accuracy": round(sum(hits) / n, 4), "n_objects": len(hits), "chance": round(sum(chance) / n, 4),

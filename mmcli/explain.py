@@ -71,11 +71,13 @@ def _wrap(text: str, width: int, char_width: int = 6) -> list[str]:
 
 
 def best_concepts(alignment: torch.Tensor, concepts: list[str], top: int = 2) -> list[list[tuple[str, float]]]:
-    """For each region (row of ``alignment`` [R, C]), its ``top`` concepts by weight, best first."""
+    """For each region (row of ``alignment`` [R, C]), its ``top`` concepts by weight, best first;
+    concepts of weight 0 (relations, which are no region's alignment) are left out."""
     if not concepts:
         return [[] for _ in range(len(alignment))]
     weights, index = alignment[:, : len(concepts)].topk(min(top, len(concepts)), dim=1)
-    return [[(concepts[j], round(float(w), 4)) for w, j in zip(ws, js)] for ws, js in zip(weights, index.tolist())]
+    return [[(concepts[j], round(float(w), 4)) for w, j in zip(ws, js) if w > 0]
+            for ws, js in zip(weights, index.tolist())]
 
 
 def file_boxes(boxes: torch.Tensor, image_wh: tuple[int, int], input_hw: tuple[int, int]) -> list[tuple]:

@@ -312,14 +312,22 @@ class GraphSpec(Section):
     grid: int = Field(2, ge=1)
     """The fixed grid is ``grid × grid`` cells."""
 
+    local_features: bool = True
+    """Also pool the towers' input embeddings, next to their final states: the image tower's patch
+    embeddings inside each box, the text tower's token embeddings over each concept's span. After
+    attention every state carries some of its whole image or text (a small object's tokens hold
+    its neighbours' colours; "red circle" in a caption holds the caption's other objects); an
+    input embedding depends on its own patch or token only. Needs a ViT image tower."""
+
     align_weight: float = Field(2.0, ge=0)
     """Weight of the weakly supervised alignment loss in ``mmcli fuse``: each region should match
     some concept of its own image's caption better than any concept of the other captions of the
-    batch (a multiple-instance contrastive loss). Only caption text is used, never box labels;
-    0 turns it off."""
+    batch, and each concept some region of its own image better than any region of the other
+    images (a symmetric multiple-instance contrastive loss; relation concepts take no part).
+    Only caption text is used, never box labels; 0 turns it off."""
 
     align_temperature: float = Field(0.1, gt=0)
-    """Temperature of the alignment loss's softmax over the batch's captions."""
+    """Temperature of the alignment loss's softmaxes over the batch's captions and images."""
 
 
 class FusionSpec(Section):

@@ -170,7 +170,7 @@ def test_fuse_graph_trains_explains_and_eval_reports_alignment(base_run, shapes_
     picture = Image.open(pictures[0]).convert("RGB")
     assert picture.width == 6 * records[0]["width"] and picture.height > 6 * records[0]["height"]
     x0, y0, x1, y1 = records[0]["objects"][0]["box"]  # given boxes: region 0 is object 0
-    assert picture.getpixel((6 * x0, 3 * (y0 + y1))) == BOX_COLOURS[0]
+    assert picture.getpixel((3 * (x0 + x1), 6 * y1 - 1)) == BOX_COLOURS[0]  # bottom edge: labels go above
 
     eval_spec = _write(tmp_path / "eval.yaml", {
         "model": str(run_dir), "vqa": {"path": str(shapes_dir / "val.jsonl")},

@@ -169,8 +169,10 @@ class ExampleDataset(Dataset):
                 "label": self.label_ids.get(e.label, IGNORE_INDEX),
                 "boxes": input_boxes(e.boxes, image.size, tuple(pixels.shape[-2:]))}
         if self.concepts:
-            item.update(concept_spans=text_concept_spans(e.text), caption=self.tokenize(e.caption or e.text),
-                        caption_spans=text_concept_spans(e.caption or e.text))
+            spans, grounded = text_concepts(e.text)
+            caption_spans, caption_grounded = text_concepts(e.caption or e.text)
+            item.update(concept_spans=spans, concept_grounded=grounded, caption=self.tokenize(e.caption or e.text),
+                        caption_spans=caption_spans, caption_grounded=caption_grounded)
         return item
 
 
@@ -186,11 +188,14 @@ def input_boxes(boxes: tuple, image_wh: tuple[int, int], input_hw: tuple[int, in
 
 
 @lru_cache(maxsize=65536)
-def text_concept_spans(text: str) -> tuple[tuple[int, int], ...]:
-    """Token spans of the key concepts of ``text`` (cached: questions and captions repeat)."""
-    from mmcli.data.concepts import concept_token_spans
+def text_concepts(text: str) -> tuple[tuple[tuple[int, int], ...], tuple[bool, ...]]:
+    """Token spans of the key concepts of ``text`` and, per concept, whether one region can show
+    it (objects and attributes; a relation is between regions). Cached: questions and captions
+    repeat."""
+    from mmcli.data.concepts import concept_token_spans, extract_concepts
 
-    return tuple(concept_token_spans(text))
+    concepts = extract_concepts(text)
+    return tuple(concept_token_spans(text, concepts=concepts)), tuple(c.kind != "relation" for c in concepts)
 
 
 def _pad_rows(rows: list[tuple], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +210,19 @@ def _pad_rows(rows: list[tuple], width: int, dtype: torch.dtype) -> tuple[torch.
     return values, mask
 
 
+def _pad_flags(rows: list[tuple[bool, ...]]) -> torch.Tensor:
+    """Per-example flags as a ``[B, most]`` bool tensor, False on padding."""
+    flags = torch.zeros(len(rows), max((len(r) for r in rows), default=0), dtype=torch.bool)
+    for row, entries in enumerate(rows):
+        flags[row, : len(entries)] = torch.tensor(entries, dtype=torch.bool)
+    return flags
+
+
 def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack examples; ``boxes`` [B, R, 4] (float, zero-padded) with ``box_mask`` [B, R]; with
     concepts also ``concept_spans`` [B, C, 2] with ``concept_mask``, ``captions`` [B, L] and
-    ``caption_spans``/``caption_concept_mask``."""
+    ``caption_spans``/``caption_concept_mask``, and ``concept_grounded``/``caption_concept_grounded``
+    [B, C] (True for a concept one region can show: not a relation; False on padding)."""
     kept = [item for item in items if item is not None]
     boxes, box_mask = _pad_rows([item["boxes"] for item in kept], 4, torch.float32)
     batch = {
@@ -225,6 +239,8 @@ def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         batch["captions"] = torch.stack([item["caption"] for item in kept]).long()
         spans = [item["caption_spans"] for item in kept]
         batch["caption_spans"], batch["caption_concept_mask"] = _pad_rows(spans, 2, torch.long)
+        batch["concept_grounded"] = _pad_flags([item["concept_grounded"] for item in kept])
+        batch["caption_concept_grounded"] = _pad_flags([item["caption_grounded"] for item in kept])
     return batch
 
 

@@ -61,7 +61,7 @@ def build_fuse_model(base: MultimodalModel, modules: dict[str, Any], reuse: list
     return model
 
 
-REGION_KEYS = ("boxes", "box_mask", "concept_spans", "concept_mask")
+REGION_KEYS = ("boxes", "box_mask", "concept_spans", "concept_mask", "concept_grounded")
 """Batch keys passed on to the fusion inputs for strategies that reason over regions and concepts."""
 
 
@@ -85,8 +85,12 @@ def task_outputs(model: MultimodalModel, batch: dict, task: str) -> tuple[torch.
 def caption_inputs(model: MultimodalModel, inputs: dict, batch: dict) -> dict:
     """Fusion inputs of the batch's images with their own captions (and the captions' concepts)."""
     captions = batch["captions"]
-    return {**inputs, "text_tokens": model.text_states(captions), "text_mask": captions != OPEN_CLIP_PAD_ID,
-            "concept_spans": batch["caption_spans"], "concept_mask": batch["caption_concept_mask"]}
+    own = {"text_tokens": model.text_states(captions), "text_mask": captions != OPEN_CLIP_PAD_ID,
+           "concept_spans": batch["caption_spans"], "concept_mask": batch["caption_concept_mask"],
+           "concept_grounded": batch["caption_concept_grounded"]}
+    if model.needs_local_features:
+        own["text_embeddings"] = model.token_embeddings(captions)
+    return {**inputs, **own}
 
 
 def caption_graph(model: MultimodalModel, inputs: dict, batch: dict, regions: str | None = None):
@@ -122,6 +126,9 @@ class FuseTask(nn.Module):
         head = self.model.vqa_head if self.task == "vqa" else self.model.itm_head
         losses = {self.task: F.cross_entropy(head(self.model.fusion(inputs)).float(), batch["labels"])}
         if self.align_weight > 0:
-            nodes = self.model.fusion.nodes(caption_inputs(self.model, inputs, batch))
-            losses["align"] = alignment_loss(*nodes, temperature=self.model.fusion.align_temperature)
+            captions = caption_inputs(self.model, inputs, batch)
+            regions, region_mask, concepts, concept_mask = self.model.fusion.nodes(captions)
+            same_caption = (batch["captions"].unsqueeze(1) == batch["captions"].unsqueeze(0)).all(dim=-1)
+            losses["align"] = alignment_loss(regions, region_mask, concepts, concept_mask & captions["concept_grounded"],
+                                             temperature=self.model.fusion.align_temperature, positives=same_caption)
         return losses

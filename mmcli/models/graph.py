@@ -148,7 +148,9 @@ class GraphOutput:
     """What ``RegionConceptGraph`` infers for a batch of graphs.
 
     ``alignment[b, i, j]`` is the final weight of the edge region ``i`` – concept ``j``
-    normalised over the real concepts of row ``i`` (zero for padding and missing edges).
+    normalised over the grounded concepts of row ``i`` (zero for padding, missing edges and
+    concepts no single region can show, such as relations: they pass messages but are not a
+    region's alignment). ``grounded_mask`` marks the real, grounded concepts.
     ``iterations`` counts the message-passing rounds run; ``converged`` says whether every graph
     met the tolerance before the budget ran out.
     """
@@ -160,6 +162,7 @@ class GraphOutput:
     converged: bool
     region_mask: Tensor  # [B, R]
     concept_mask: Tensor  # [B, C]
+    grounded_mask: Tensor  # [B, C]
 
 
 class RegionConceptGraph(nn.Module):
@@ -207,11 +210,14 @@ class RegionConceptGraph(nn.Module):
         concept_feats: Tensor,
         region_mask: Tensor | None = None,
         concept_mask: Tensor | None = None,
+        concept_grounded: Tensor | None = None,
     ) -> GraphOutput:
         """Reason over regions ``[B, R, dim]`` and concepts ``[B, C, dim]`` (masks ``[B, R]``,
-        ``[B, C]``, ``True`` for real nodes)."""
+        ``[B, C]``, ``True`` for real nodes). ``concept_grounded`` ``[B, C]`` marks the concepts
+        a single region can show (default: all); the others take part in message passing only."""
         region_mask = _full_mask(region_feats) if region_mask is None else region_mask
         concept_mask = _full_mask(concept_feats) if concept_mask is None else concept_mask
+        grounded = concept_mask if concept_grounded is None else concept_mask & concept_grounded
         regions = region_feats.shape[1]
         adj, _ = bipartite_adjacency(
             region_feats, concept_feats, region_mask, concept_mask,
@@ -223,11 +229,12 @@ class RegionConceptGraph(nn.Module):
         return GraphOutput(
             region_states=states[:, :regions],
             concept_states=states[:, regions:],
-            alignment=_normalise_rows(cross),
+            alignment=_normalise_rows(cross * grounded.unsqueeze(1)),
             iterations=iterations,
             converged=converged,
             region_mask=region_mask,
             concept_mask=concept_mask,
+            grounded_mask=grounded,
         )
 
     def _iterate(
@@ -270,15 +277,15 @@ def alignment_features(out: GraphOutput) -> Tensor:
     concept's is the largest weight any region gives it. ``regions``/``concepts`` are the states
     averaged with those groundings as weights; the three scalars are the mean region grounding,
     the mean concept grounding and the smallest concept grounding (a caption naming something
-    the image lacks has a poorly grounded concept). Padding nodes are ignored; an empty side
-    gives zeros.
+    the image lacks has a poorly grounded concept). Padding nodes and concepts that are not
+    grounded (relations) are ignored in the concept statistics; an empty side gives zeros.
     """
     region_grounding = _grounding(out.alignment, dim=2) * out.region_mask
-    concept_grounding = _grounding(out.alignment, dim=1) * out.concept_mask
+    concept_grounding = _grounding(out.alignment, dim=1) * out.grounded_mask
     stats = [
         _masked_mean(region_grounding, out.region_mask),
-        _masked_mean(concept_grounding, out.concept_mask),
-        _masked_min(concept_grounding, out.concept_mask),
+        _masked_mean(concept_grounding, out.grounded_mask),
+        _masked_min(concept_grounding, out.grounded_mask),
     ]
     pooled = [
         _weighted_mean(out.region_states, region_grounding),

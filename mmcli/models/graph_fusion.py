@@ -3,16 +3,24 @@
 ``GraphFusion`` follows the fusion contract (``forward(inputs) -> [B, dim]``) and reads, besides
 the usual keys (see ``mmcli.models.fusion``):
 
+- ``image_patches`` [B, N, Di]       the image tower's patch embeddings (with ``local_features``)
+- ``text_embeddings`` [B, L, Dt]     the text tower's token embeddings (with ``local_features``)
 - ``boxes``         [B, R, 4] float  region boxes in pixels of the model's input image
 - ``box_mask``      [B, R] bool      True for a real box
 - ``concept_spans`` [B, C, 2] long   token positions ``(start, end)`` of the text's key concepts
 - ``concept_mask``  [B, C] bool      True for a real concept
+- ``concept_grounded`` [B, C] bool    optional: True for a concept one region can show (not a
+  relation); relations pass messages but take no part in the alignment or its loss
 
 Regions come from the given boxes, or are found from the patch tokens (``salient_regions``, a
-fixed grid as the fallback); a region's feature is its ROI-pooled patch tokens plus an embedding
-of its box. A concept's feature is the mean of the text tower's token states over its span. The
-graph's alignment features are concatenated to the pooled embeddings (``strategy: graph``) or to
-another strategy's fused features (``inner``) and projected to ``dim``.
+fixed grid as the fallback); a region's feature is its ROI-pooled patch tokens (and, with
+``local_features``, its ROI-pooled patch embeddings: two levels, as detectors pool several
+levels of a feature pyramid) plus an embedding of its box. A concept's feature is the mean of
+the text tower's token states over its span (with ``local_features``, plus the mean of its
+token embeddings: after attention "red circle" in a caption also carries the caption's other
+objects). The graph's alignment features are concatenated to the pooled embeddings
+(``strategy: graph``) or to another strategy's fused features (``inner``) and projected to
+``dim``.
 """
 
 from __future__ import annotations
@@ -47,8 +55,12 @@ class GraphFusion(nn.Module):
         self.settings = dict(graph)
         self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
         self.region_in = nn.Linear(image_dim, dim)
+        # Patch embeddings are raw convolution outputs: normalise them before the projection.
+        self.local_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim)) if graph.get(
+            "local_features") else None
         self.box_embedding = BoxEmbedding(dim)
         self.concept_in = nn.Linear(text_dim, dim)
+        self.concept_local_in = nn.Linear(text_dim, dim) if graph.get("local_features") else None
         self.reasoner = RegionConceptGraph(dim, **{k: graph[k] for k in GRAPH_OPTIONS if k in graph})
         self.inner = None if inner is None else build_fusion(**inner)
         base_dim = self.inner.out_dim if self.inner is not None else text_pooled_dim + image_pooled_dim
@@ -80,16 +92,23 @@ class GraphFusion(nn.Module):
     def reason(self, inputs: Inputs, regions: str | None = None) -> GraphOutput:
         """Run the graph on the inputs' regions and concepts (``regions`` overrides the mode)."""
         region_feats, region_mask, concept_feats, concept_mask = self.nodes(inputs, regions)
-        return self.reasoner(region_feats, concept_feats, region_mask, concept_mask)
+        return self.reasoner(region_feats, concept_feats, region_mask, concept_mask, inputs.get("concept_grounded"))
 
     def nodes(self, inputs: Inputs, regions: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The graph's initial nodes: region features [B, R, dim] and mask, concept features
         [B, C, dim] and mask."""
         boxes, box_mask = self.region_boxes(inputs, regions)
-        pooled, _ = roi_features(inputs["image_tokens"], [b[m] for b, m in zip(boxes, box_mask)], self.image_size)
+        per_image = [b[m] for b, m in zip(boxes, box_mask)]
+        pooled, _ = roi_features(inputs["image_tokens"], per_image, self.image_size)
         region_feats = self.region_in(pooled) + self.box_embedding(boxes.to(pooled.dtype), self.image_size)
-        concepts, concept_mask = span_means(inputs["text_tokens"], inputs["concept_spans"], inputs["concept_mask"])
-        return region_feats * box_mask.unsqueeze(-1), box_mask, self.concept_in(concepts), concept_mask
+        if self.local_in is not None:
+            region_feats = region_feats + self.local_in(roi_features(inputs["image_patches"], per_image, self.image_size)[0])
+        spans, concept_mask = inputs["concept_spans"], inputs["concept_mask"]
+        concepts, concept_mask = span_means(inputs["text_tokens"], spans, concept_mask)
+        concept_feats = self.concept_in(concepts)
+        if self.concept_local_in is not None:
+            concept_feats = concept_feats + self.concept_local_in(span_means(inputs["text_embeddings"], spans, concept_mask)[0])
+        return region_feats * box_mask.unsqueeze(-1), box_mask, concept_feats, concept_mask
 
     def region_boxes(self, inputs: Inputs, regions: str | None = None) -> tuple[Tensor, Tensor]:
         """The regions reasoned over: boxes [B, R, 4] (pixels, zero-padded) and their mask [B, R]."""
@@ -139,26 +158,50 @@ def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def alignment_loss(region_states: Tensor, region_mask: Tensor, concept_states: Tensor, concept_mask: Tensor,
-                   temperature: float = 0.1) -> Tensor:
-    """Weakly supervised region–concept alignment: a multiple-instance contrastive loss.
+                   temperature: float = 0.1, positives: Tensor | None = None) -> Tensor:
+    """Weakly supervised region–concept alignment: a symmetric multiple-instance contrastive loss.
 
     Region ``i`` of image ``b`` scores each text ``t`` of the batch by its best concept,
-    ``s(b, i, t) = max_j cos(r_bi, c_tj)``; the loss is the cross-entropy of
-    ``softmax_t(s / temperature)`` against the image's own text, averaged over the real regions
-    whose text has a concept. Only which text belongs to which image is used, never what the
-    regions are. Texts without concepts take no part.
+    ``s(b, i, t) = max_j cos(r_bi, c_tj)``, and must score its own text highest (cross-entropy of
+    ``softmax_t(s / temperature)``); likewise concept ``j`` of text ``t`` scores each image by its
+    best region, ``max_i cos(r_bi, c_tj)``, and must score its own image highest. The two
+    directions are averaged, each over its real nodes (regions of images whose text has a
+    concept; concepts of texts whose image has a region). The first alone lets every region of an
+    image settle on the one concept that tells its text apart; the second makes every concept
+    find its region.
+
+    ``positives`` ``[B, B]`` (default: the identity) marks the texts that belong to image ``b``:
+    give True for the other images with the very same caption, which are not negatives. Only which
+    text belongs to which image is used, never what the regions are. Pass only the concepts a
+    region can show in ``concept_mask`` (not relations).
 
     Apply it to the graph's initial nodes (``GraphFusion.nodes``), not to its output states: after
     message passing a region's state carries its own text's concepts, so it could match that text
     without looking at the image at all.
     """
     regions, concepts = F.normalize(region_states.float(), dim=-1), F.normalize(concept_states.float(), dim=-1)
-    sim = torch.einsum("bid,tjd->bitj", regions, concepts)
-    sim = sim.masked_fill(~concept_mask[None, None], float("-inf"))
-    best = sim.amax(dim=-1) / temperature  # [B, R, T]
-    has_concepts = concept_mask.any(dim=1)
-    keep = region_mask & has_concepts.unsqueeze(1)
+    sim = torch.einsum("bid,tjd->bitj", regions, concepts) / temperature  # [B, R, T, C]
+    positives = torch.eye(len(sim), dtype=torch.bool, device=sim.device) if positives is None else positives
+    has_regions, has_concepts = region_mask.any(dim=1), concept_mask.any(dim=1)
+    region_to_text = sim.masked_fill(~concept_mask[None, None], float("-inf")).amax(dim=-1)  # [B, R, T]
+    concept_to_image = sim.masked_fill(~region_mask[:, :, None, None], float("-inf")).amax(dim=1)  # [B, T, C]
+    losses = [
+        _multi_positive_nll(region_to_text, positives.unsqueeze(1), region_mask & has_concepts.unsqueeze(1),
+                            has_concepts),
+        _multi_positive_nll(concept_to_image.permute(1, 2, 0), positives.t().unsqueeze(1),
+                            concept_mask & has_regions.unsqueeze(1), has_regions),
+    ]
+    losses = [loss for loss in losses if loss is not None]
+    return torch.stack(losses).mean() if losses else region_states.sum() * 0.0
+
+
+def _multi_positive_nll(scores: Tensor, positives: Tensor, keep: Tensor, candidates: Tensor) -> Tensor | None:
+    """``−log Σ_pos softmax(scores)`` averaged over the ``keep`` rows: ``scores`` ``[N, K, M]``
+    (node ``k`` of item ``n`` against the ``M`` candidates), ``positives`` ``[N, 1, M]``, only
+    ``candidates`` ``[M]`` in the softmax; ``None`` when no row is kept."""
     if not bool(keep.any()):
-        return region_states.sum() * 0.0
-    target = torch.arange(len(best), device=best.device).unsqueeze(1).expand_as(keep)
-    return F.cross_entropy(best[keep], target[keep])
+        return None
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    positive = scores.masked_fill(~(positives & candidates), float("-inf"))
+    nll = scores.logsumexp(dim=-1) - positive.logsumexp(dim=-1)
+    return nll[keep].mean()

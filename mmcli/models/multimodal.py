@@ -53,6 +53,7 @@ class MultimodalModel(nn.Module):
                 _BUILDERS[name](self, self.modules_config[name])
         fusion = self.modules_config.get("fusion")
         self.needs_image_tokens = fusion is not None and fusion["strategy"] != "late"
+        self.needs_local_features = bool(fusion and fusion.get("graph", {}).get("local_features", False))
 
     @classmethod
     def from_modules(cls, clip: nn.Module, modules: dict) -> "MultimodalModel":
@@ -80,6 +81,17 @@ class MultimodalModel(nn.Module):
         finally:
             visual.output_tokens = previous
 
+    def encode_image_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image_tokens` plus the patch embeddings [B, N, width] of the same pass:
+        the output of the ViT's patchify convolution, each a function of its own patch only."""
+        captured = []
+        hook = self.clip.visual.conv1.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            pooled, tokens = self.encode_image_tokens(images)
+        finally:
+            hook.remove()
+        return pooled, tokens, captured[0].flatten(2).transpose(1, 2)
+
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """``image_features`` and ``text_features`` (L2-normalised), ``logit_scale`` (1/τ, ≤ 100),
         and ``image_tokens`` [B, N, width] when the fusion module reads them."""
@@ -100,7 +112,7 @@ class MultimodalModel(nn.Module):
 
     def fusion_inputs(self, texts: torch.Tensor, text_states: torch.Tensor, **features) -> dict[str, torch.Tensor]:
         """The fusion contract's dict: ``text_tokens``, ``text_mask`` and whichever of
-        ``image_tokens``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask``,
+        ``image_tokens``, ``image_patches``, ``text_embeddings``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask``,
         ``concept_spans``, ``concept_mask`` are given."""
         inputs = {"text_tokens": text_states, "text_mask": texts != OPEN_CLIP_PAD_ID}
         inputs.update({k: v for k, v in features.items() if v is not None})
@@ -109,11 +121,22 @@ class MultimodalModel(nn.Module):
     def encode_pair(self, images: torch.Tensor, texts: torch.Tensor, **regions) -> dict:
         """Everything a fusion strategy may read for image–text pairs (see :meth:`fusion_inputs`);
         ``regions`` are the optional ``boxes``, ``box_mask``, ``concept_spans``, ``concept_mask``."""
-        pooled, tokens = self.encode_image_tokens(images)
+        patches = words = None
+        if self.needs_local_features:
+            pooled, tokens, patches = self.encode_image_levels(images)
+            words = self.token_embeddings(texts)
+        else:
+            pooled, tokens = self.encode_image_tokens(images)
         return self.fusion_inputs(
-            texts, self.text_states(texts), image_tokens=tokens, image_pooled=F.normalize(pooled, dim=-1),
-            text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1), **regions,
+            texts, self.text_states(texts), image_tokens=tokens, image_patches=patches, text_embeddings=words,
+            image_pooled=F.normalize(pooled, dim=-1), text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1),
+            **regions,
         )
+
+    def token_embeddings(self, texts: torch.Tensor) -> torch.Tensor:
+        """The text tower's input embeddings [B, L, width] of ``texts``: each token on its own,
+        before any attention mixes in its context."""
+        return self.clip.token_embedding(texts)
 
     def mlm_logits(self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> MaskedLogits:
         """MLM logits at the labelled positions of ``masked`` texts: from the text tower alone,
@@ -214,6 +237,8 @@ def graph_fusion_config(spec, graph, clip: nn.Module) -> dict[str, Any]:
     inner = None
     if spec.strategy != "graph":
         inner = fusion_config(spec.model_copy(update={"graph": None}), clip)
+    if graph.local_features and not hasattr(clip.visual, "conv1"):
+        raise MmcliError("fusion.graph.local_features: the image tower is not a ViT with patch embeddings; set it to false")
     size = clip.visual.image_size
     return {"strategy": "graph", "dim": dim, "image_dim": dims["image_dim"], "text_dim": dims["text_dim"],
             "text_pooled_dim": dims["text_pooled_dim"], "image_pooled_dim": dims["image_pooled_dim"],

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mmcli.data.concepts import extract_concepts
 from mmcli.data.masking import IGNORE_INDEX
 from mmcli.data.vqa import (
     ExampleDataset, answer_prior, answer_vocabulary, collate_examples, matching_examples, question_examples,
@@ -67,6 +68,27 @@ def test_collate_pads_boxes_and_maps_unknown_answers(jsonl, tmp_path):
     assert batch["boxes"].shape == (2, 2, 4)
     assert batch["box_mask"].tolist() == [[True, False], [True, True]]
     assert batch["boxes"][0].tolist() == [[1, 2, 5, 6], [0, 0, 0, 0]]
+
+
+def test_collate_marks_relation_concepts_as_not_grounded(jsonl, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for name in "abc":
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{name}.png")
+    records = read_shapes_jsonl(jsonl)
+    examples = question_examples(records)
+    dataset = ExampleDataset(examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8),
+                             lambda t: torch.tensor([1, 2, 0]), concepts=True)
+    batch = collate_examples([dataset[0], dataset[2]])
+    for row, example in enumerate([examples[0], examples[2]]):
+        for key, text in (("concept_grounded", example.text), ("caption_concept_grounded", example.caption)):
+            kinds = [c.kind for c in extract_concepts(text)]
+            flags = batch[key][row].tolist()
+            assert flags[: len(kinds)] == [kind != "relation" for kind in kinds]
+            assert not any(flags[len(kinds):])  # padding
+    assert batch["concept_grounded"].shape == batch["concept_mask"].shape
+    assert batch["caption_concept_grounded"].shape == batch["caption_concept_mask"].shape
 
 
 def test_not_a_shapes_file_is_named(tmp_path):

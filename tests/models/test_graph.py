@@ -167,6 +167,24 @@ def test_alignment_is_the_softmax_of_final_state_similarities():
     torch.testing.assert_close(out.alignment.sum(-1), torch.ones(1, 3))
 
 
+def test_relations_pass_messages_but_are_no_regions_alignment():
+    torch.manual_seed(0)
+    graph = RegionConceptGraph(8, "gat", heads=2, max_iters=2, temperature=0.2)
+    regions, concepts = _inputs()
+    grounded = torch.tensor([[True, False, True, True]])  # concept 1 is a relation
+    out = graph(regions, concepts, concept_grounded=grounded)
+    plain = graph(regions, concepts)
+    # Same message passing: the relation still sends and receives along its edges ...
+    torch.testing.assert_close(out.region_states, plain.region_states)
+    # ... but the alignment is the softmax over the grounded concepts only.
+    r = torch.nn.functional.normalize(out.region_states, dim=-1)
+    c = torch.nn.functional.normalize(out.concept_states[:, [0, 2, 3]], dim=-1)
+    expected = (r @ c.transpose(1, 2) / 0.2).softmax(dim=-1)
+    assert torch.all(out.alignment[:, :, 1] == 0)
+    torch.testing.assert_close(out.alignment[:, :, [0, 2, 3]], expected)
+    assert out.grounded_mask.tolist() == grounded.tolist()
+
+
 @pytest.mark.parametrize("layer", ["gcn", "gat"])
 def test_iteration_stops_once_states_stop_changing(layer):
     graph = RegionConceptGraph(8, layer, heads=2, max_iters=5, tol=1e-4)
@@ -190,6 +208,7 @@ def test_alignment_features_hand_computed():
         converged=True,
         region_mask=torch.tensor([[True, True, False]]),
         concept_mask=torch.tensor([[True, True]]),
+        grounded_mask=torch.tensor([[True, True]]),
     )
     # Region groundings 0.75, 0.5; concept groundings max(0.75, 0.5), max(0.25, 0.5).
     regions = [0.75 / 1.25, 0.5 / 1.25]
@@ -198,6 +217,23 @@ def test_alignment_features_hand_computed():
     features = alignment_features(out)
     torch.testing.assert_close(features, expected)
     assert features.shape[1] == alignment_feature_dim(2)
+
+
+def test_alignment_features_ignore_concepts_that_are_not_grounded():
+    # The hand case above with a third concept, a relation: no region's alignment names it, and
+    # it must not become the weakest concept (its grounding would be 0).
+    out = GraphOutput(
+        region_states=torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]),
+        concept_states=torch.tensor([[[2.0, 0.0], [0.0, 2.0], [7.0, 7.0]]]),
+        alignment=torch.tensor([[[0.75, 0.25, 0.0], [0.5, 0.5, 0.0]]]),
+        iterations=1,
+        converged=True,
+        region_mask=torch.tensor([[True, True]]),
+        concept_mask=torch.tensor([[True, True, True]]),
+        grounded_mask=torch.tensor([[True, True, False]]),
+    )
+    expected = torch.tensor([[0.75 / 1.25, 0.5 / 1.25, 2 * 0.75 / 1.25, 2 * 0.5 / 1.25, 0.625, 0.625, 0.5]])
+    torch.testing.assert_close(alignment_features(out), expected)
 
 
 def test_alignment_features_of_an_empty_side_are_zero():

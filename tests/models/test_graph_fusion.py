@@ -94,11 +94,76 @@ def test_alignment_loss_by_hand():
     regions = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # one region per image
     concepts = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [5.0, 5.0]]])
     concept_mask = torch.tensor([[True, False], [True, False]])  # text 0: [1, 0]; text 1: [0, 1]
-    loss = alignment_loss(regions, torch.ones(2, 1, dtype=torch.bool), concepts, concept_mask, temperature=0.1)
-    # Image 0's region scores its own text 1.0 and the other 0.0; image 1's scores both 1/√2.
-    expected = (math.log(1 + math.exp(-10.0)) + math.log(2.0)) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # A text without concepts takes no part: image 1's region drops out, and text 1 from the softmax.
+    one_region = torch.ones(2, 1, dtype=torch.bool)
+    loss = alignment_loss(regions, one_region, concepts, concept_mask, temperature=0.1)
+    s = 1 / math.sqrt(2)
+    # Regions → texts: image 0's region scores its own text 1 and the other 0; image 1's both 1/√2.
+    region_side = (math.log(1 + math.exp(-10.0)) + math.log(2.0)) / 2
+    # Concepts → images: text 0's concept scores image 0 1 and image 1 1/√2; text 1's 0 and 1/√2.
+    concept_side = (math.log(1 + math.exp((s - 1) * 10)) + math.log(1 + math.exp(-s * 10))) / 2
+    assert loss.item() == pytest.approx((region_side + concept_side) / 2, rel=1e-5)
+    # A text without concepts takes no part: image 1's region drops out, and text 1 from the
+    # softmax; text 0's concept still scores image 0 against image 1.
     no_text = torch.tensor([[True, False], [False, False]])
-    alone = alignment_loss(regions, torch.ones(2, 1, dtype=torch.bool), concepts, no_text, temperature=0.1)
-    assert alone.item() == pytest.approx(0.0, abs=1e-6)
+    alone = alignment_loss(regions, one_region, concepts, no_text, temperature=0.1)
+    assert alone.item() == pytest.approx((0.0 + math.log(1 + math.exp((s - 1) * 10))) / 2, abs=1e-6)
+
+
+def test_alignment_loss_same_caption_is_no_negative():
+    # Two images with the very same caption: with positives saying so, the loss cannot tell them
+    # apart and must not try (each direction's positive mass is the whole softmax over two).
+    regions = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    concepts = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    both = torch.ones(2, 2, dtype=torch.bool)
+    assert alignment_loss(regions, mask, concepts, mask, positives=both).item() == pytest.approx(0.0, abs=1e-6)
+    # Without it, image 1's region is pushed from its own text (cos 0) towards the twin (cos 0):
+    # log 2 for that region; concept 1 prefers image 0 (cos 1) to its own (cos 0).
+    plain = alignment_loss(regions, mask, concepts, mask, temperature=0.1).item()
+    region_side = (math.log(2.0) + math.log(2.0)) / 2
+    concept_side = (math.log(1 + math.exp(-10.0)) + math.log(1 + math.exp(10.0))) / 2
+    assert plain == pytest.approx((region_side + concept_side) / 2, rel=1e-5)
+
+
+def test_local_features_add_the_pooled_input_embeddings():
+    from mmcli.models.regions import roi_features
+
+    fusion = _fusion(local_features=True)
+    inputs = dict(_inputs(), image_patches=torch.randn(2, 16, 6), text_embeddings=torch.randn(2, 7, 5))
+    regions, mask, concepts, concept_mask = fusion.nodes(inputs)
+    boxes = [b[m] for b, m in zip(inputs["boxes"], inputs["box_mask"])]
+    tokens = roi_features(inputs["image_tokens"], boxes, 32)[0]
+    patches = roi_features(inputs["image_patches"], boxes, 32)[0]
+    expected = (fusion.region_in(tokens) + fusion.local_in(patches)
+                + fusion.box_embedding(inputs["boxes"], 32)) * mask.unsqueeze(-1)
+    torch.testing.assert_close(regions, expected)
+    # Concept 0 of text 0 spans tokens 1–2: its states' mean and its embeddings' mean.
+    states, words = inputs["text_tokens"][0, 1:3].mean(0), inputs["text_embeddings"][0, 1:3].mean(0)
+    torch.testing.assert_close(concepts[0, 0], fusion.concept_in(states) + fusion.concept_local_in(words))
+    assert concept_mask.tolist() == inputs["concept_mask"].tolist()
+    # The box covering the top-left 2×2 cells does not see a patch embedding outside it.
+    changed = dict(inputs, image_patches=inputs["image_patches"].clone())
+    changed["image_patches"][0, 15] += 100.0  # the bottom-right cell
+    torch.testing.assert_close(fusion.nodes(changed)[0][0, 0], regions[0, 0])
+    plain = _fusion()  # off: the final states alone
+    assert plain.local_in is None and plain.concept_local_in is None
+
+
+def test_encode_image_levels_returns_the_patchify_output_of_the_same_pass():
+    from mmcli.models.encoders import build_dual_encoder
+    from mmcli.models.multimodal import MultimodalModel
+    from mmcli.spec import ModelSpec
+
+    torch.manual_seed(0)
+    model = MultimodalModel(build_dual_encoder(ModelSpec(arch="mmcli-nano")).model).eval()
+    size = model.clip.visual.image_size
+    images = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
+    with torch.no_grad():
+        pooled, tokens, patches = model.encode_image_levels(images)
+        reference_pooled, reference_tokens = model.encode_image_tokens(images)
+        conv = model.clip.visual.conv1(images)
+    torch.testing.assert_close(pooled, reference_pooled)
+    torch.testing.assert_close(tokens, reference_tokens)
+    torch.testing.assert_close(patches, conv.flatten(2).transpose(1, 2))
+    assert patches.shape == tokens.shape
+    assert not model.clip.visual.conv1._forward_hooks  # the hook is gone again
