@@ -1,0 +1,82 @@
+"""Run specs: pydantic models for every section of a spec YAML, and ``load_spec``.
+
+Every field carries a docstring; they are the user's reference (``mmcli spec-doc`` prints them
+and the README links here). Unknown keys are rejected everywhere so that a typo never silently
+falls back to a default.
+
+One module per concern: :mod:`~mmcli.spec.base` (the :class:`Section` base and loading),
+:mod:`~mmcli.spec.common` (sections shared by several run kinds), :mod:`~mmcli.spec.fusion`
+(fusion encoder and graph), :mod:`~mmcli.spec.pretrain`, :mod:`~mmcli.spec.fuse` and
+:mod:`~mmcli.spec.evaluate` (one per command), :mod:`~mmcli.spec.kinds` (spec kind by file name).
+Import from ``mmcli.spec``; every public name is re-exported here.
+"""
+
+from mmcli.spec.base import Section, apply_overrides, load_spec, parse_override, read_yaml, validate
+from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec
+from mmcli.spec.evaluate import (
+    EVAL_TASKS,
+    AlignmentEvalTaskSpec,
+    EvalSpec,
+    FusionEvalTaskSpec,
+    LabelledSourceSpec,
+    LinearProbeTaskSpec,
+    MlmEvalTaskSpec,
+    RetrievalTaskSpec,
+    ZeroShotTaskSpec,
+)
+from mmcli.spec.fuse import FuseDataSpec, FuseSpec
+from mmcli.spec.fusion import FusionSpec, GraphSpec
+from mmcli.spec.kinds import SPEC_KINDS, spec_model_for
+from mmcli.spec.pretrain import (
+    ClipObjectiveSpec,
+    DataSpec,
+    ItmObjectiveSpec,
+    MimObjectiveSpec,
+    MlmObjectiveSpec,
+    MmlmObjectiveSpec,
+    Objectives,
+    PretrainSpec,
+)
+
+__all__ = [
+    # base
+    "Section",
+    "apply_overrides",
+    "load_spec",
+    "parse_override",
+    "read_yaml",
+    "validate",
+    # common
+    "ModelSpec",
+    "OutputSpec",
+    "SourceSpec",
+    "TrainSpec",
+    # fusion
+    "FusionSpec",
+    "GraphSpec",
+    # pretrain
+    "ClipObjectiveSpec",
+    "DataSpec",
+    "ItmObjectiveSpec",
+    "MimObjectiveSpec",
+    "MlmObjectiveSpec",
+    "MmlmObjectiveSpec",
+    "Objectives",
+    "PretrainSpec",
+    # fuse
+    "FuseDataSpec",
+    "FuseSpec",
+    # evaluate
+    "EVAL_TASKS",
+    "AlignmentEvalTaskSpec",
+    "EvalSpec",
+    "FusionEvalTaskSpec",
+    "LabelledSourceSpec",
+    "LinearProbeTaskSpec",
+    "MlmEvalTaskSpec",
+    "RetrievalTaskSpec",
+    "ZeroShotTaskSpec",
+    # kinds
+    "SPEC_KINDS",
+    "spec_model_for",
+]

@@ -1,0 +1,179 @@
+"""The ``mmcli eval`` spec: the task sections, :class:`EvalSpec` and :data:`EVAL_TASKS`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from mmcli.spec.base import Section
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+
+class LabelledSourceSpec(Section):
+    """Labelled images: a class-folder tree (``root/<class>/…/image``) or a CSV/TSV/JSONL file."""
+
+    path: str
+    """A folder whose sub-folders are the classes (images anywhere below them), or a CSV/TSV/JSONL
+    file with an image column and a label column; relative image paths are resolved against the
+    file's folder."""
+
+    format: Literal["auto", "folder", "csv", "tsv", "jsonl"] = "auto"
+    """How to read ``path``; ``auto`` decides from the suffix (a folder is a class-folder tree)."""
+
+    image_key: str = "filepath"
+    """Column (CSV/TSV) or key (JSONL) holding the image path (JSONL falls back to ``image``)."""
+
+    label_key: str = "label"
+    """Column or key holding the class name."""
+
+    separator: Optional[str] = None
+    """Column separator for CSV/TSV; default ``\\t`` for ``.tsv`` and ``,`` for ``.csv``."""
+
+
+class ZeroShotTaskSpec(LabelledSourceSpec):
+    """Zero-shot classification: each image gets the class whose prompt embedding (the mean of
+    its templates' text embeddings) is most similar to the image embedding."""
+
+    class_names: Optional[list[str]] = None
+    """The classes, in order; default: the sorted distinct labels of the data. The label of every
+    image must be one of them."""
+
+    templates: str | list[str] = "imagenet"
+    """Prompt templates with ``{}`` for the class name: ``shapes`` (``a {}``, the caption style of
+    the built-in dataset), ``imagenet`` (the 80 templates of the CLIP paper), ``simple`` (the
+    short list of CLIP's notebook), or a list of strings such as ``["a photo of a {}."]``."""
+
+    confusion: Optional[str] = None
+    """Where to write the confusion-matrix PNG; default ``<output stem>-confusion.png``."""
+
+    @model_validator(mode="after")
+    def _templates_usable(self) -> "ZeroShotTaskSpec":
+        t = self.templates
+        if isinstance(t, str):
+            if t not in ("shapes", "imagenet", "simple"):
+                raise ValueError(f"templates: {t!r} is not shapes, imagenet, simple or a list of strings")
+        elif not isinstance(t, list) or not t or not all(isinstance(s, str) and "{}" in s for s in t):
+            raise ValueError("templates: a list of strings must be non-empty and each must contain {}")
+        return self
+
+
+class RetrievalTaskSpec(Section):
+    """Image↔text retrieval recall@K on image–caption pairs (several captions per image allowed)."""
+
+    path: str
+    """A CSV/TSV/JSONL file or a folder of captioned images, as a pretraining source."""
+
+    format: Literal["auto", "csv", "tsv", "jsonl", "folder"] = "auto"
+    """How to read ``path``; ``auto`` decides from the suffix."""
+
+    image_key: str = "filepath"
+    """Column or key of the image path."""
+
+    text_key: str = "title"
+    """Column or key of the caption (JSONL falls back to ``caption``)."""
+
+    separator: Optional[str] = None
+    """Column separator for CSV/TSV."""
+
+    ks: list[int] = [1, 5, 10]
+    """The K of recall@K."""
+
+
+class LinearProbeTaskSpec(Section):
+    """A logistic regression on frozen image embeddings, trained on all training examples and on
+    k examples per class (few-shot); reports test accuracy for each."""
+
+    train: LabelledSourceSpec
+    """The labelled training images."""
+
+    test: Optional[LabelledSourceSpec] = None
+    """The labelled test images; omitted: a stratified ``test_fraction`` of ``train`` is held out."""
+
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of each class of ``train`` held out for testing when ``test`` is omitted."""
+
+    shots: list[Optional[int]] = [1, 2, 4, 8, 16, None]
+    """Examples per class for each probe; ``null`` means all training examples."""
+
+    seed: int = 0
+    """Seed of the held-out split and of the few-shot samples."""
+
+
+class FusionEvalTaskSpec(Section):
+    """A fused-model task on a shapes JSONL file (needs a run folder with the matching head)."""
+
+    path: str
+    """A shapes JSONL file (``data/shapes/val.jsonl``)."""
+
+
+class AlignmentEvalTaskSpec(FusionEvalTaskSpec):
+    """Region–concept alignment accuracy of a run with a graph fusion: for each object of an
+    image, whether the concept of the image's caption best aligned with the object's region
+    names its own colour and/or shape (the box labels are used only to score)."""
+
+    regions: Optional[Literal["given", "salient", "grid"]] = None
+    """The regions to reason over; default: the run's own setting. With automatic regions an
+    object is scored through the region overlapping its box most (IoU ≥ 0.3; else a miss)."""
+
+
+class MlmEvalTaskSpec(FusionEvalTaskSpec):
+    """Masked-token accuracy on the colour and shape words of shapes captions."""
+
+    image_conditioned: bool = False
+    """Predict through the fusion encoder with the image (``mmlm``), not from the text alone."""
+
+
+class EvalSpec(Section):
+    """A ``mmcli eval`` run: the tasks to score one model on."""
+
+    model: str
+    """A run folder (``runs/shapes``) or ``ARCH:PRETRAINED``."""
+
+    dataset: Optional[str] = None
+    """The dataset name written in the results; default: the folder name of the first task's data."""
+
+    zero_shot: Optional[ZeroShotTaskSpec] = None
+    """Zero-shot classification: top-1, top-5, mean per-class recall, confusion matrix."""
+
+    retrieval: Optional[RetrievalTaskSpec] = None
+    """Image→text and text→image recall@K."""
+
+    linear_probe: Optional[LinearProbeTaskSpec] = None
+    """Linear-probe accuracy on frozen image embeddings, full and few-shot."""
+
+    vqa: Optional[FusionEvalTaskSpec] = None
+    """VQA accuracy of a ``mmcli fuse`` VQA run (``mmcli.evaluate_fusion``)."""
+
+    itm: Optional[FusionEvalTaskSpec] = None
+    """Image–text matching accuracy of a run with an ITM head."""
+
+    mlm: Optional[MlmEvalTaskSpec] = None
+    """Masked-token accuracy of a run with an MLM head."""
+
+    alignment: Optional[AlignmentEvalTaskSpec] = None
+    """Region–concept alignment accuracy of a run with a graph fusion."""
+
+    output: str = "eval.json"
+    """The results file: a JSON list of ``{dataset, model, pretrained, task, metrics}`` records,
+    shaped like CLIP_benchmark's."""
+
+    batch_size: int = Field(64, gt=0)
+    """Images or texts per forward pass."""
+
+    workers: int = Field(2, ge=0)
+    """DataLoader processes decoding images."""
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "EvalSpec":
+        if not any(getattr(self, t) is not None for t in EVAL_TASKS):
+            raise ValueError(f"give at least one task ({', '.join(EVAL_TASKS)})")
+        return self
+
+
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment")
+"""The task sections of :class:`EvalSpec`, in the order they run."""
