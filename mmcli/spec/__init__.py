@@ -1,8 +1,7 @@
 """Run specs: pydantic models for every section of a spec YAML, and ``load_spec``.
 
-Every field carries a docstring; they are the user's reference (``mmcli spec-doc`` prints them
-and the README links here). Unknown keys are rejected everywhere so that a typo never silently
-falls back to a default.
+Every field carries a docstring; they are the user's reference (the README links here). Unknown
+keys are rejected everywhere so that a typo never silently falls back to a default.
 
 One module per concern: :mod:`~mmcli.spec.base` (the :class:`Section` base and loading),
 :mod:`~mmcli.spec.common` (sections shared by several run kinds), :mod:`~mmcli.spec.fusion`
