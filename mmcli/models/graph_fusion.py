@@ -55,12 +55,12 @@ class GraphFusion(nn.Module):
         self.settings = dict(graph)
         self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
         self.region_in = nn.Linear(image_dim, dim)
+        local = bool(graph.get("local_features"))  # absent in runs saved before the option existed
         # Patch embeddings are raw convolution outputs: normalise them before the projection.
-        self.local_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim)) if graph.get(
-            "local_features") else None
+        self.local_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim)) if local else None
         self.box_embedding = BoxEmbedding(dim)
         self.concept_in = nn.Linear(text_dim, dim)
-        self.concept_local_in = nn.Linear(text_dim, dim) if graph.get("local_features") else None
+        self.concept_local_in = nn.Linear(text_dim, dim) if local else None
         self.reasoner = RegionConceptGraph(dim, **{k: graph[k] for k in GRAPH_OPTIONS if k in graph})
         self.inner = None if inner is None else build_fusion(**inner)
         base_dim = self.inner.out_dim if self.inner is not None else text_pooled_dim + image_pooled_dim
@@ -92,7 +92,8 @@ class GraphFusion(nn.Module):
     def reason(self, inputs: Inputs, regions: str | None = None) -> GraphOutput:
         """Run the graph on the inputs' regions and concepts (``regions`` overrides the mode)."""
         region_feats, region_mask, concept_feats, concept_mask = self.nodes(inputs, regions)
-        return self.reasoner(region_feats, concept_feats, region_mask, concept_mask, inputs.get("concept_grounded"))
+        grounded = inputs.get("concept_grounded")
+        return self.reasoner(region_feats, concept_feats, region_mask, concept_mask, grounded)
 
     def nodes(self, inputs: Inputs, regions: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The graph's initial nodes: region features [B, R, dim] and mask, concept features
@@ -102,12 +103,14 @@ class GraphFusion(nn.Module):
         pooled, _ = roi_features(inputs["image_tokens"], per_image, self.image_size)
         region_feats = self.region_in(pooled) + self.box_embedding(boxes.to(pooled.dtype), self.image_size)
         if self.local_in is not None:
-            region_feats = region_feats + self.local_in(roi_features(inputs["image_patches"], per_image, self.image_size)[0])
+            patches, _ = roi_features(inputs["image_patches"], per_image, self.image_size)
+            region_feats = region_feats + self.local_in(patches)
         spans, concept_mask = inputs["concept_spans"], inputs["concept_mask"]
         concepts, concept_mask = span_means(inputs["text_tokens"], spans, concept_mask)
         concept_feats = self.concept_in(concepts)
         if self.concept_local_in is not None:
-            concept_feats = concept_feats + self.concept_local_in(span_means(inputs["text_embeddings"], spans, concept_mask)[0])
+            words, _ = span_means(inputs["text_embeddings"], spans, concept_mask)
+            concept_feats = concept_feats + self.concept_local_in(words)
         return region_feats * box_mask.unsqueeze(-1), box_mask, concept_feats, concept_mask
 
     def region_boxes(self, inputs: Inputs, regions: str | None = None) -> tuple[Tensor, Tensor]:
