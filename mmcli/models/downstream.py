@@ -129,6 +129,7 @@ class FuseTask(nn.Module):
             captions = caption_inputs(self.model, inputs, batch)
             regions, region_mask, concepts, concept_mask = self.model.fusion.nodes(captions)
             same_caption = (batch["captions"].unsqueeze(1) == batch["captions"].unsqueeze(0)).all(dim=-1)
-            losses["align"] = alignment_loss(regions, region_mask, concepts, concept_mask & captions["concept_grounded"],
+            grounded = concept_mask & captions["concept_grounded"]  # relations take no part
+            losses["align"] = alignment_loss(regions, region_mask, concepts, grounded,
                                              temperature=self.model.fusion.align_temperature, positives=same_caption)
         return losses
