@@ -1,0 +1,56 @@
+"""Embedding index: streaming write with a sidecar, memory-mapped read, exact search (FAISS: ann.py).
+
+An index on disk is ``emb.npy`` (N×D L2-normalised float32 or float16 rows) plus the sidecar
+``emb.npy.json`` that makes it self-describing (model, modality, dim, dtype, count, row → item).
+Ranks of a distributed run write shards ``emb.rank00000-of-00002.npy`` (each with its own
+sidecar) which :func:`open_index` reads, given ``emb.npy``, as one index in rank order.
+
+Only numpy is imported here, and faiss inside the functions that need it, so that commands
+which read an index start fast.
+
+One module per concern: :mod:`~mmcli.index.files` (format constants, file names, atomic
+writes), :mod:`~mmcli.index.writer` (:class:`IndexWriter`), :mod:`~mmcli.index.reader`
+(:func:`open_index`, :class:`Index`, :class:`RowConcat`) and :mod:`~mmcli.index.search`
+(:func:`search_exact`, :func:`recall_at_k`). Import from ``mmcli.index``; every public name is
+re-exported here. Private names live in their submodule: patch them there.
+"""
+
+from mmcli.index.files import (
+    DTYPES,
+    FORMAT,
+    MODALITIES,
+    VERSION,
+    index_exists,
+    shard_path,
+    sidecar_path,
+    write_json_atomic,
+)
+from mmcli.index.reader import Embeddings, Index, RowConcat, open_index, read_sidecar
+from mmcli.index.search import iter_row_blocks, query_matrix, recall_at_k, search_exact
+from mmcli.index.writer import IndexWriter, ResumeState
+
+__all__ = [
+    # files
+    "DTYPES",
+    "FORMAT",
+    "MODALITIES",
+    "VERSION",
+    "index_exists",
+    "shard_path",
+    "sidecar_path",
+    "write_json_atomic",
+    # writer
+    "IndexWriter",
+    "ResumeState",
+    # reader
+    "Embeddings",
+    "Index",
+    "RowConcat",
+    "open_index",
+    "read_sidecar",
+    # search
+    "iter_row_blocks",
+    "query_matrix",
+    "recall_at_k",
+    "search_exact",
+]
