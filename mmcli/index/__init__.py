@@ -5,8 +5,8 @@ An index on disk is ``emb.npy`` (N×D L2-normalised float32 or float16 rows) plu
 Ranks of a distributed run write shards ``emb.rank00000-of-00002.npy`` (each with its own
 sidecar) which :func:`open_index` reads, given ``emb.npy``, as one index in rank order.
 
-Only numpy is imported here, and faiss inside the functions that need it, so that commands
-which read an index start fast.
+Of third-party packages only numpy is imported here (FAISS lives in :mod:`mmcli.ann`, torch
+nowhere), so that commands which read an index start fast.
 
 One module per concern: :mod:`~mmcli.index.files` (format constants, file names, atomic
 writes), :mod:`~mmcli.index.writer` (:class:`IndexWriter`), :mod:`~mmcli.index.reader`
