@@ -96,7 +96,7 @@ def evaluate_alignment(run_dir: str | Path, jsonl_path: str | Path, *, regions: 
             found_concepts = extract_concepts(record["caption"])
             concepts = [c.text for c in found_concepts]
             hits += alignment_hits(out.alignment[row].cpu(), concepts, objects, found)
-            grounded = [c.text for c in found_concepts if c.kind != "relation"]  # what the alignment picks from
+            grounded = [c.text for c in found_concepts if c.grounded]  # what the alignment picks from
             chance += [chance_rate(grounded, c, s) if f is not None else 0.0 for (c, s), f in zip(objects, found)]
             matched += sum(f is not None for f in found)
     n = max(len(hits), 1)

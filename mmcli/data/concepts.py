@@ -104,6 +104,12 @@ class Concept:
     span: tuple[int, int]
     head: str
 
+    @property
+    def grounded(self) -> bool:
+        """Whether one image region can show it: an object or an attribute, not a relation (which
+        holds between regions)."""
+        return self.kind != "relation"
+
 
 @dataclass(frozen=True)
 class _Word:

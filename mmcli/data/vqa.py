@@ -195,7 +195,7 @@ def text_concepts(text: str) -> tuple[tuple[tuple[int, int], ...], tuple[bool, .
     from mmcli.data.concepts import concept_token_spans, extract_concepts
 
     concepts = extract_concepts(text)
-    return tuple(concept_token_spans(text, concepts=concepts)), tuple(c.kind != "relation" for c in concepts)
+    return tuple(concept_token_spans(text, concepts=concepts)), tuple(c.grounded for c in concepts)
 
 
 def _pad_rows(rows: list[tuple], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

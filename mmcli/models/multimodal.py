@@ -112,15 +112,16 @@ class MultimodalModel(nn.Module):
 
     def fusion_inputs(self, texts: torch.Tensor, text_states: torch.Tensor, **features) -> dict[str, torch.Tensor]:
         """The fusion contract's dict: ``text_tokens``, ``text_mask`` and whichever of
-        ``image_tokens``, ``image_patches``, ``text_embeddings``, ``text_pooled``, ``image_pooled``, ``boxes``, ``box_mask``,
-        ``concept_spans``, ``concept_mask`` are given."""
+        ``image_tokens``, ``image_patches``, ``text_embeddings``, ``text_pooled``, ``image_pooled``,
+        ``boxes``, ``box_mask``, ``concept_spans``, ``concept_mask``, ``concept_grounded`` are given."""
         inputs = {"text_tokens": text_states, "text_mask": texts != OPEN_CLIP_PAD_ID}
         inputs.update({k: v for k, v in features.items() if v is not None})
         return inputs
 
     def encode_pair(self, images: torch.Tensor, texts: torch.Tensor, **regions) -> dict:
         """Everything a fusion strategy may read for image–text pairs (see :meth:`fusion_inputs`);
-        ``regions`` are the optional ``boxes``, ``box_mask``, ``concept_spans``, ``concept_mask``."""
+        ``regions`` are the optional ``boxes``, ``box_mask``, ``concept_spans``, ``concept_mask``,
+        ``concept_grounded``; with ``local_features`` the towers' input embeddings come too."""
         patches = words = None
         if self.needs_local_features:
             pooled, tokens, patches = self.encode_image_levels(images)

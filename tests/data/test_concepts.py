@@ -65,7 +65,9 @@ CAPTIONS = [
 
 @pytest.mark.parametrize(("caption", "expected"), CAPTIONS, ids=[c for c, _ in CAPTIONS])
 def test_extract_concepts(caption, expected):
-    assert [(c.text, c.kind) for c in extract_concepts(caption)] == expected
+    concepts = extract_concepts(caption)
+    assert [(c.text, c.kind) for c in concepts] == expected
+    assert [c.grounded for c in concepts] == [kind != R for _, kind in expected]  # relations only are not
 
 
 def test_concepts_carry_word_spans_and_heads():
