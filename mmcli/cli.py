@@ -80,7 +80,7 @@ def data_shapes(
     """Generate the synthetic shapes dataset: images, captions, boxes and questions."""
     with reported_errors():
         from mmcli.commands.data import run_shapes
-        from mmcli.render import render_data_summary
+        from mmcli.commands.render import render_data_summary
 
         emit(run_shapes(out, n=n, size=size, seed=seed), as_json, render_data_summary)
 
@@ -95,7 +95,7 @@ def pretrain(
     """Train a CLIP-style dual encoder (plus MLM/ITM objectives) from a run spec."""
     with reported_errors():
         from mmcli.commands.pretrain import run
-        from mmcli.render import render_pretrain_summary
+        from mmcli.commands.render import render_pretrain_summary
 
         result = run(spec, overrides or [], resume=resume, device=State.device)
         if result.get("is_main", True):
@@ -141,7 +141,7 @@ def embed(
         if dtype not in ("float32", "float16"):
             raise MmcliError(f"--dtype {dtype}: choose float32 or float16")
         from mmcli.commands.embed import run
-        from mmcli.render import render_embed_summary
+        from mmcli.commands.render import render_embed_summary
 
         result = run(path, out, model=model, modality=modality, dtype=dtype, batch_size=batch_size, workers=workers,
                      overwrite=overwrite, draft=not no_draft, image_key=image_key, text_key=text_key,
@@ -171,7 +171,7 @@ def retrieve(
     """Search an index with a text or an image, using the model recorded in its sidecar."""
     with reported_errors():
         from mmcli.commands.retrieve import run
-        from mmcli.render import render_retrieve
+        from mmcli.commands.render import render_retrieve
 
         result = run(query, index_path=index, k=k, queries_file=queries, image=image, use_faiss=use_faiss,
                      grid=grid, model=model, device=State.device)
@@ -194,7 +194,7 @@ def fuse(
     """Train or apply a fusion head (VQA answer classification or image–text matching) on a pretrained run."""
     with reported_errors():
         from mmcli.commands.fuse import run
-        from mmcli.render import render_fuse_summary
+        from mmcli.commands.render import render_fuse_summary
 
         result = run(spec, overrides or [], resume=resume, eval_only=eval_only, device=State.device, explain=explain)
         if result.get("is_main", True):
@@ -224,7 +224,7 @@ def evaluate(
     """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy."""
     with reported_errors():
         from mmcli.commands.evaluate import run
-        from mmcli.render import render_eval
+        from mmcli.commands.render import render_eval
 
         flags = {"model": model, "zero_shot": zero_shot, "templates": templates, "retrieval": retrieval,
                  "linear_probe": linear_probe, "output": output}

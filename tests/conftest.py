@@ -34,7 +34,7 @@ def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0) -> Path:
     """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save)."""
     import torch
 
-    from mmcli import checkpoint as ckpt
+    from mmcli.models import weights as ckpt
     from mmcli.models.encoders import build_dual_encoder
     from mmcli.models.multimodal import MultimodalModel
     from mmcli.spec import ModelSpec

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any, Iterator, Optional
 
-from mmcli import index as ix
+from mmcli.retrieval import index as ix
 from mmcli.errors import MmcliError
 
 
@@ -33,7 +33,7 @@ def run(
     it was started with); ``overwrite`` starts over and replaces a complete index.
     """
     from mmcli.distributed import resolve_device
-    from mmcli.embedding import resolve_inputs
+    from mmcli.retrieval.embedding import resolve_inputs
     from mmcli.models.loading import load_model
 
     rank, world = _rank_and_world()
@@ -73,7 +73,7 @@ def _rank_and_world() -> tuple[int, int]:
 def _batches(inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool,
              device) -> tuple[Iterator, int]:
     """This rank's batches of not-yet-embedded items and the number of items of this rank."""
-    from mmcli.embedding import (ImageItems, ShardImages, draft_size, encode_image_batches, encode_text_batches,
+    from mmcli.retrieval.embedding import (ImageItems, ShardImages, draft_size, encode_image_batches, encode_text_batches,
                                  image_loader)
     from mmcli.data.sources import count_shard_samples
 
@@ -100,7 +100,7 @@ def _batches(inputs, loaded, state, *, rank: int, world: int, batch_size: int, w
 
 def _write(writer: ix.IndexWriter, batches: Iterator, *, total: int, done: int, show: bool, unit: str) -> int:
     """Stream ``batches`` into ``writer`` under a progress bar (stderr); return the items handled."""
-    from mmcli.render import embed_progress
+    from mmcli.commands.render import embed_progress
 
     handled = 0
     with embed_progress(unit, show=show) as bar:

@@ -36,7 +36,7 @@ def run(spec_path: Optional[Path], overrides: list[str], *, flags: dict[str, Any
         device: str = "auto") -> dict[str, Any]:
     """Run every task of the spec; write the JSON results; return them with the notes."""
     spec = spec_from(spec_path, overrides, flags or {})
-    from mmcli import evaluation
+    from mmcli.evaluation import image_text as evaluation
     from mmcli.distributed import resolve_device
     from mmcli.models.loading import load_model
 
@@ -95,6 +95,6 @@ def _dataset_name(spec: EvalSpec) -> str:
 
 
 def _write_json(path: Path, results: list[dict]) -> None:
-    from mmcli.checkpoint import atomic_write_text
+    from mmcli.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli import checkpoint as ckpt
+from mmcli import io
 from mmcli.errors import MmcliError
 from mmcli.spec import FuseSpec, load_spec
 
@@ -45,7 +45,7 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_onl
 
 
 def _examples(spec: FuseSpec, path: str):
-    from mmcli.data.vqa import apply_box_file, matching_examples, question_examples, read_shapes_jsonl
+    from mmcli.data.examples import apply_box_file, matching_examples, question_examples, read_shapes_jsonl
 
     records = read_shapes_jsonl(path)
     if spec.data.boxes is not None:
@@ -54,12 +54,15 @@ def _examples(spec: FuseSpec, path: str):
 
 
 def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
-    from mmcli.commands.pretrain import Tokenize, prepare_run_dir, seed_everything
-    from mmcli.data.vqa import ExampleDataset, answer_prior, answer_vocabulary, example_loader
-    from mmcli.models.downstream import ITM_LABELS, FuseTask, build_fuse_model, fuse_modules, reused_modules
+    from mmcli.data.tokenize import Tokenize
+    from mmcli.training.checkpoint import resume_into, save_spec
+    from mmcli.training.runs import prepare_run_dir, seed_everything
+    from mmcli.data.examples import ExampleDataset, answer_prior, answer_vocabulary, example_loader
+    from mmcli.models.downstream import ITM_LABELS, build_fuse_model, fuse_modules, reused_modules
     from mmcli.models.encoders import count_parameters
     from mmcli.models.loading import load_model
-    from mmcli.train import train
+    from mmcli.training.loop import train
+    from mmcli.training.tasks import FuseTask
 
     if spec.data.batch_size % world.world_size:
         raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
@@ -70,10 +73,10 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     labels = answer_vocabulary(examples) if spec.task == "vqa" else ITM_LABELS
     modules = fuse_modules(base.model, spec.base, spec, labels)
     model = build_fuse_model(base.model, modules, reused_modules(base.model, spec)).to(world.device)
-    resume_state = ckpt.resume_into(run_dir, model, resume)
+    resume_state = resume_into(run_dir, model, resume)
     if world.is_main:
-        ckpt.save_spec(run_dir, spec)
-        shutil.copyfile(Path(spec.base) / ckpt.OPEN_CLIP_CONFIG, run_dir / ckpt.OPEN_CLIP_CONFIG)
+        save_spec(run_dir, spec)
+        shutil.copyfile(Path(spec.base) / io.OPEN_CLIP_CONFIG, run_dir / io.OPEN_CLIP_CONFIG)
 
     # The deterministic transform: a random crop could cut a shape off and change the answer.
     tokenize = Tokenize(base.tokenizer)
@@ -95,7 +98,7 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     if spec.task == "vqa":
         meta["answer_prior"] = answer_prior(examples)
     task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
-    result = train(task, model=model, weights=task.loss_weights(), loaders=loaders, batches_per_epoch=per_epoch,
+    result = train(task, loaders=loaders, batches_per_epoch=per_epoch,
                    spec=spec.train, world=world, run_dir=run_dir, meta=meta, validate=validate,
                    resume=resume_state, progress_label=f"fuse {spec.task}")
     return {"parameters": count_parameters(model), "trained_parameters": count_parameters(task), "steps": result.steps,
@@ -104,8 +107,8 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
 
 
 def _validator(spec: FuseSpec, labels, tokenize, preprocess, device, batch_size, concepts: bool):
-    from mmcli.data.vqa import ExampleDataset, example_loader
-    from mmcli.evaluate_fusion import fuse_validator
+    from mmcli.data.examples import ExampleDataset, example_loader
+    from mmcli.evaluation.fusion import fuse_validator
 
     if spec.data.val is None:
         return None
@@ -119,13 +122,13 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     """Predict on ``spec.data.val`` with the run folder's model, write the predictions and fused
     features, and score them (plus the base run's MLM accuracy when it has an MLM head); with
     ``explain``, also write alignment pictures there."""
-    from mmcli.commands.pretrain import Tokenize
-    from mmcli.data.vqa import ExampleDataset, example_loader
-    from mmcli.evaluate_fusion import accuracy_report, evaluate_mlm, predict
+    from mmcli.data.tokenize import Tokenize
+    from mmcli.data.examples import ExampleDataset, example_loader
+    from mmcli.evaluation.fusion import accuracy_report, evaluate_mlm, predict
     from mmcli.models.downstream import task_labels, uses_graph
-    from mmcli.models.loading import is_run_dir, load_model
+    from mmcli.models.loading import load_model
 
-    if not is_run_dir(run_dir):
+    if not io.is_run_dir(run_dir):
         raise MmcliError(f"{run_dir}: no fuse run to evaluate; run mmcli fuse without --eval-only first")
     loaded = load_model(str(run_dir), device=device)
     graph = uses_graph(loaded.model)
@@ -142,10 +145,10 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     out = {"report": accuracy_report(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
            "features": str(Path(run_dir) / FEATURES)}
     if explain is not None:
-        from mmcli.explain import write_explanations
+        from mmcli.viz.explain import write_explanations
 
         out["explain"] = write_explanations(loaded.model, dataset, Path(explain), device=device)
-    base_modules = ckpt.read_meta(Path(spec.base)).get("modules", {})
+    base_modules = io.read_meta(Path(spec.base)).get("modules", {})
     if "mlm_head" in base_modules:
         image_ok = base_modules.get("fusion", {}).get("strategy", "late") != "late"
         kinds = [False] + ([True] if image_ok else [])
@@ -155,7 +158,7 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_features(path: Path, features: np.ndarray, ids: list[str], loaded, task: str) -> None:
@@ -168,8 +171,8 @@ def write_features(path: Path, features: np.ndarray, ids: list[str], loaded, tas
         with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a path
             np.save(f, rows)
 
-    ckpt.atomic_write(path, save)
+    io.atomic_write(path, save)
     sidecar = {"format": "mmcli-fused-features", "version": 1, "modality": "fused", "task": task,
                "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
                "dim": int(rows.shape[1]), "dtype": "float32", "count": len(ids), "items": ids}
-    ckpt.atomic_write_text(Path(str(path) + ".json"), json.dumps(sidecar, indent=2))
+    io.atomic_write_text(Path(str(path) + ".json"), json.dumps(sidecar, indent=2))

@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-import random
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from mmcli import __version__
-from mmcli import checkpoint as ckpt
 from mmcli.errors import MmcliError
 from mmcli.spec import PretrainSpec, load_spec
-
-
-class Tokenize:
-    """str → LongTensor[L] with open_clip's tokenizer (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> torch.Tensor:
-        return self.tokenizer([text])[0]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_run_dir(spec: PretrainSpec, *, resume: bool, is_main: bool) -> Path:
-    """Check the run folder against ``--resume``/``output.overwrite`` and create it."""
-    run_dir = spec.run_dir()
-    has_run = (run_dir / ckpt.MMCLI_META).is_file() or (run_dir / ckpt.METRICS).is_file()
-    if resume:
-        if not (run_dir / ckpt.TRAIN_STATE).is_file():
-            raise MmcliError(f"{run_dir}: nothing to resume (no {ckpt.TRAIN_STATE}); run without --resume")
-    elif has_run:
-        if not spec.output.overwrite:
-            raise MmcliError(
-                f"{run_dir}: a run already exists there; use --resume to continue it, "
-                f"--set output.overwrite=true to start over, or another output.name"
-            )
-        if is_main:
-            shutil.rmtree(run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def with_text_cfg(model_config: dict[str, Any], text_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -67,9 +24,13 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
     from mmcli.distributed import close_world, init_world
     from mmcli.models.encoders import build_dual_encoder, count_parameters
     from mmcli.models.multimodal import build_multimodal, open_clip_text_cfg
-    from mmcli.objectives import Pretrainer
-    from mmcli.train import train
-    from mmcli.validation import contrastive_validator
+    from mmcli.data.tokenize import Tokenize
+    from mmcli.models.weights import save_open_clip_config
+    from mmcli.training.checkpoint import resume_into, save_spec
+    from mmcli.training.runs import prepare_run_dir, seed_everything
+    from mmcli.training.loop import train
+    from mmcli.training.tasks import Pretrainer
+    from mmcli.training.validation import contrastive_validator
 
     world = init_world(device)
     try:
@@ -80,10 +41,10 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
         encoder = build_dual_encoder(spec.model, device=world.device)
         objectives = spec.objectives.enabled()
         model = build_multimodal(encoder.model, objectives, spec.fusion).to(world.device)
-        resume_state = ckpt.resume_into(run_dir, model, resume)
+        resume_state = resume_into(run_dir, model, resume)
         if world.is_main:
-            ckpt.save_spec(run_dir, spec)
-            ckpt.save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)),
+            save_spec(run_dir, spec)
+            save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)),
                                        encoder.preprocess_config)
 
         per_rank = spec.data.batch_size // world.world_size
@@ -110,8 +71,6 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
                 "modules": model.modules_config}
         result = train(
             Pretrainer(model, objectives, world),
-            model=model,
-            weights={k: v.weight for k, v in objectives.items()},
             loaders=loaders,
             batches_per_epoch=per_epoch,
             spec=spec.train,

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mmcli import ann
-from mmcli import index as ix
+from mmcli.retrieval import faiss_index as ann
+from mmcli.retrieval import index as ix
 from mmcli.errors import MmcliError
 
 # The suffixes of mmcli.data.images.IMAGE_EXTENSIONS, repeated so that detecting an image query
@@ -79,7 +79,7 @@ def grid_path(grid: str, n: int, total: int) -> Path:
 
 def write_grid(index: ix.Index, hits: list[dict], out: Path, *, title: str) -> Path:
     """A contact sheet of the hits' images (the index must hold image files)."""
-    from mmcli.grid import contact_sheet
+    from mmcli.viz.grid import contact_sheet
 
     if index.meta.get("modality") != "image" or index.meta.get("source", {}).get("format") == "webdataset":
         raise MmcliError(f"--grid: {index.path} does not hold image files (a {index.meta.get('modality')} index"
@@ -228,7 +228,7 @@ class _Faiss:
 
 
 def _searcher(index: ix.Index, use_faiss: bool):
-    """Exact search, or FAISS when asked or above :data:`mmcli.ann.FAISS_AUTO_THRESHOLD` rows."""
+    """Exact search, or FAISS when asked or above :data:`mmcli.retrieval.faiss_index.FAISS_AUTO_THRESHOLD` rows."""
     if use_faiss or len(index) > ann.FAISS_AUTO_THRESHOLD:
         return _Faiss(index)
     return _Exact(index)

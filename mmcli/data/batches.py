@@ -394,3 +394,8 @@ def _webdataset_loader(
     # (up to the limit), however the estimate rounds.
     max_batches = batches if plan.train or plan.limit is not None else None
     return PairLoader(loader, batches, num_samples, max_batches=max_batches, refill=plan.train)
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """``batch`` with its tensors moved to ``device`` (other values as they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

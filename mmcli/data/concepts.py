@@ -1,6 +1,6 @@
 """Key concepts of a caption, found offline: objects, attributes and relations.
 
-The graph reasoner (``mmcli.models.graph``) needs the things a caption talks about as nodes.
+The graph reasoner (``mmcli.models.graph.layers``) needs the things a caption talks about as nodes.
 ``extract_concepts`` finds them with a small lexicon and a few word-shape rules, so that it
 runs anywhere without downloading a parser or tagger model:
 

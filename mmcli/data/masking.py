@@ -7,6 +7,10 @@ and a sequence with at least one maskable token always gets at least one. A per-
 draw would leave many short captions with nothing to predict, and topping those up would push
 the share above ``prob``. The 80/10/10 split of the selected tokens is an independent draw per
 token.
+
+Masked image modelling's inputs are here too: a share of each image's patches is blanked in
+pixel space (set to 0, the mean of the normalised input) and the masked image goes through the
+image tower again, so no token the fusion encoder reads has seen the hidden pixels.
 """
 
 from __future__ import annotations
@@ -112,3 +116,22 @@ def _corrupt(
     picks = torch.randint(len(candidates), tokens.shape, generator=generator, device=tokens.device)
     inputs = tokens.masked_fill(to_mask, mask_id)
     return torch.where(to_random, candidates[picks], inputs)
+
+
+def random_patch_mask(batch: int, patches: int, ratio: float, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [B, N]: exactly ``round(ratio · N)`` (at least 1) random patches per image are True."""
+    count = min(patches, max(1, round(ratio * patches)))
+    scores = torch.rand(batch, patches, generator=generator, device=generator.device if generator else device)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < count).to(device)
+
+
+def blank_patches(images: torch.Tensor, mask: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """``images`` [B, C, H, W] with the pixels of the masked patches (``mask`` [B, N], row-major
+    over the patch grid) set to 0."""
+    batch, _, height, width = images.shape
+    rows, cols = height // patch_size[0], width // patch_size[1]
+    grid = mask.reshape(batch, 1, rows, cols).to(images.dtype)
+    pixels = grid.repeat_interleave(patch_size[0], dim=2).repeat_interleave(patch_size[1], dim=3)
+    return images * (1 - pixels)

@@ -9,7 +9,6 @@ on one axis that "left of" / "right of" / "above" / "below" is never a judgement
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmcli.errors import MmcliError
+from mmcli.io import atomic_write_text
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -326,12 +326,8 @@ def make_example(seed: int, split: str, index: int, image_size: int) -> tuple[di
 
 
 def _write_text(path: Path, lines: Iterable[str]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
+    """Write one line each, through :func:`mmcli.io.atomic_write_text`."""
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _remove_stale_images(folder: Path, split: str, count: int) -> None:

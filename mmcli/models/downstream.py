@@ -1,7 +1,7 @@
 """Downstream fusion tasks on a pretrained model: VQA as answer classification, image–text matching.
 
 A fuse model is a :class:`MultimodalModel` whose extra modules are a fusion encoder (the base
-run's, or a fresh one) and one task head; ``FuseTask`` wraps it for the training loop.
+run's, or a fresh one) and one task head; :class:`~mmcli.training.tasks.FuseTask` trains it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from mmcli.errors import MmcliError
 from mmcli.models.multimodal import MultimodalModel, fusion_config
-from mmcli.models.text import OPEN_CLIP_PAD_ID
+from mmcli.models.constants import OPEN_CLIP_PAD_ID
 
 ITM_LABELS = ["no", "yes"]
 """ITM classes in the order of :class:`~mmcli.models.heads.ITMHead`'s logits (1 = matching)."""
@@ -96,40 +94,3 @@ def caption_inputs(model: MultimodalModel, inputs: dict, batch: dict) -> dict:
 def caption_graph(model: MultimodalModel, inputs: dict, batch: dict, regions: str | None = None):
     """The graph fusion's reasoning over the batch's images and their own captions' concepts."""
     return model.fusion.reason(caption_inputs(model, inputs, batch), regions)
-
-
-class FuseTask(nn.Module):
-    """The training loop's view of a fuse run: ``forward(batch)`` returns ``{task: loss}``, plus
-    ``align`` (the weakly supervised region–concept alignment loss on the images' own captions)
-    when the fusion is a graph fusion with a non-zero ``align_weight``.
-
-    ``frozen`` stops gradients into the dual encoder; the fusion encoder and head always train.
-    """
-
-    def __init__(self, model: MultimodalModel, task: str, frozen: bool):
-        super().__init__()
-        self.model, self.task = model, task
-        if frozen:
-            model.clip.requires_grad_(False)
-        self.find_unused = False
-        self.align_weight = getattr(model.fusion, "align_weight", 0.0) if uses_graph(model) else 0.0
-
-    def loss_weights(self) -> dict[str, float]:
-        """Weights of the named losses ``forward`` returns."""
-        return {self.task: 1.0, **({"align": self.align_weight} if self.align_weight > 0 else {})}
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Cross-entropy of the task head on the batch's labels (and the alignment loss)."""
-        from mmcli.models.graph_fusion import alignment_loss
-
-        inputs = pair_inputs(self.model, batch)
-        head = self.model.vqa_head if self.task == "vqa" else self.model.itm_head
-        losses = {self.task: F.cross_entropy(head(self.model.fusion(inputs)).float(), batch["labels"])}
-        if self.align_weight > 0:
-            captions = caption_inputs(self.model, inputs, batch)
-            regions, region_mask, concepts, concept_mask = self.model.fusion.nodes(captions)
-            same_caption = (batch["captions"].unsqueeze(1) == batch["captions"].unsqueeze(0)).all(dim=-1)
-            grounded = concept_mask & captions["concept_grounded"]  # relations take no part
-            losses["align"] = alignment_loss(regions, region_mask, concepts, grounded,
-                                             temperature=self.model.fusion.align_temperature, positives=same_caption)
-        return losses

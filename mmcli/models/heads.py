@@ -100,3 +100,22 @@ class ClassifierHead(nn.Module):
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         """[B, dim] → [B, n_classes] logits."""
         return self.classify(fused)
+
+
+class MIMHead(nn.Module):
+    """Predicts a masked patch's feature: its (masked-image) token reads the fused text tokens
+    by cross-attention, then an MLP maps it to the image tower's token width."""
+
+    def __init__(self, image_dim: int, dim: int, heads: int):
+        super().__init__()
+        self.query_in = nn.Linear(image_dim, dim)
+        self.query_norm = nn.LayerNorm(dim)
+        self.attend = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, image_dim))
+
+    def forward(self, patch_tokens: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor,
+                patch_mask: torch.Tensor) -> torch.Tensor:
+        """Predictions [M, image_dim] for the M True positions of ``patch_mask`` [B, N], row-major."""
+        query = self.query_norm(self.query_in(patch_tokens))
+        read = self.attend(query, fused_text, fused_text, key_padding_mask=~text_mask, need_weights=False)[0]
+        return self.out(query + read)[patch_mask]

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import torch
 
-from mmcli import checkpoint as ckpt
+from mmcli import io
 from mmcli.errors import MmcliError
 from mmcli.models.multimodal import MultimodalModel
+from mmcli.models.weights import load_weights_into
 
 
 @dataclass
@@ -37,17 +38,12 @@ class LoadedModel:
         return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def is_run_dir(ref: str | Path) -> bool:
-    """True when ``ref`` is a folder written by ``mmcli pretrain``/``fuse``."""
-    return (Path(ref) / ckpt.MMCLI_META).is_file()
-
-
 def load_model(ref: str, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a run folder (with its extra modules) or build ``ARCH[:PRETRAINED]``; eval mode."""
-    if is_run_dir(ref):
+    if io.is_run_dir(ref):
         loaded = _load_run(Path(ref), device)
     elif Path(ref).exists():
-        raise MmcliError(f"{ref}: not an mmcli run folder (no {ckpt.MMCLI_META})")
+        raise MmcliError(f"{ref}: not an mmcli run folder (no {io.MMCLI_META})")
     else:
         loaded = _load_arch(ref, device)
     loaded.model.eval()
@@ -59,15 +55,15 @@ def _load_run(run_dir: Path, device) -> LoadedModel:
 
     from mmcli.models.encoders import _quiet_open_clip
 
-    meta = ckpt.read_meta(run_dir)
+    meta = io.read_meta(run_dir)
     with _quiet_open_clip():
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir}", device="cpu")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir}")
     model = MultimodalModel.from_modules(clip, meta.get("modules", {}))
-    ckpt.load_weights_into(run_dir, model)
+    load_weights_into(run_dir, model)
     return LoadedModel(
         model=model.to(device), preprocess=preprocess, tokenizer=tokenizer, ref=str(run_dir.resolve()),
-        arch=meta.get("arch", "?"), checksum=meta.get("checksum") or ckpt.file_checksum(run_dir / ckpt.OPEN_CLIP_WEIGHTS),
+        arch=meta.get("arch", "?"), checksum=meta.get("checksum") or io.file_checksum(run_dir / io.OPEN_CLIP_WEIGHTS),
         meta=meta,
     )
 
@@ -84,7 +80,7 @@ def _load_arch(ref: str, device) -> LoadedModel:
         )
     encoder = build_dual_encoder(ModelSpec(arch=arch, pretrained=pretrained or None), device="cpu")
     if pretrained and Path(pretrained).is_file():
-        checksum = ckpt.file_checksum(Path(pretrained))
+        checksum = io.file_checksum(Path(pretrained))
     else:  # a hub tag names fixed published weights
         checksum = "sha256:" + hashlib.sha256(f"{arch}:{pretrained}".encode()).hexdigest()
     return LoadedModel(

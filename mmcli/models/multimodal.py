@@ -17,16 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcli.models.fusion import build_fusion
-from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MLMHead
-from mmcli.models.mim import MIMHead
-from mmcli.models.text import OPEN_CLIP_EOT_ID, OPEN_CLIP_PAD_ID, add_mask_token, text_token_states
-from mmcli.objectives import MAX_LOGIT_SCALE
-
-OPEN_CLIP_SOT_ID = 49406
-"""open_clip's start-of-text id."""
-
-SPECIAL_IDS = (OPEN_CLIP_PAD_ID, OPEN_CLIP_SOT_ID, OPEN_CLIP_EOT_ID)
-"""Token ids that masking never selects."""
+from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MIMHead, MLMHead
+from mmcli.models.constants import MAX_LOGIT_SCALE, OPEN_CLIP_PAD_ID, OPEN_CLIP_VOCAB_SIZE
+from mmcli.models.text import add_mask_token, text_token_states
+from mmcli.spec.choices import FUSION_OBJECTIVES
 
 MODULE_ORDER = ("mask_token", "fusion", "mlm_head", "mmlm_proj", "itm_head", "mim_head", "vqa_head")
 """Every module a config may hold, in build order ([MASK] first: heads tie to the grown embedding)."""
@@ -104,6 +98,15 @@ class MultimodalModel(nn.Module):
         out["text_features"] = F.normalize(self.clip.encode_text(texts), dim=-1)
         out["logit_scale"] = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         return out
+
+    def clamp_logit_scale(self) -> None:
+        """Keep the learnable logit scale (log 1/τ) in [0, log 100], as CLIP does after each step."""
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def logit_scale_value(self) -> float:
+        """The contrastive multiplier 1/τ."""
+        return float(self.clip.logit_scale.detach().exp())
 
     # -- text states and fusion -----------------------------------------------------------------
     def text_states(self, texts: torch.Tensor) -> torch.Tensor:
@@ -248,8 +251,6 @@ def graph_fusion_config(spec, graph, clip: nn.Module) -> dict[str, Any]:
 
 def mask_token_config(clip: nn.Module) -> dict[str, Any]:
     """The ``mask_token`` and ``mlm_head`` entries: [MASK] is one past the tokenizer's last id."""
-    from mmcli.models.text import OPEN_CLIP_VOCAB_SIZE
-
     return {"mask_token": {"id": OPEN_CLIP_VOCAB_SIZE},
             "mlm_head": {"width": tower_dims(clip)["text_dim"], "vocab_size": OPEN_CLIP_VOCAB_SIZE + 1}}
 
@@ -261,7 +262,7 @@ def pretrain_modules(clip: nn.Module, objectives: dict[str, Any], fusion) -> dic
     modules: dict[str, Any] = {}
     if "mlm" in objectives or "mmlm" in objectives:
         modules.update(mask_token_config(clip))
-    if not {"mmlm", "itm", "mim"} & set(objectives):
+    if not set(FUSION_OBJECTIVES) & set(objectives):
         return modules
     modules["fusion"] = fusion_config(fusion, clip)
     dim, text_dim = modules["fusion"]["dim"], tower_dims(clip)["text_dim"]

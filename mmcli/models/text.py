@@ -10,14 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-OPEN_CLIP_VOCAB_SIZE = 49408
-"""Size of open_clip's BPE vocabulary (``SimpleTokenizer().vocab_size``)."""
-
-OPEN_CLIP_EOT_ID = 49407
-"""open_clip's end-of-text id (``SimpleTokenizer().eot_token_id``)."""
-
-OPEN_CLIP_PAD_ID = 0
-"""open_clip's tokenizer pads with id 0."""
+from mmcli.models.constants import OPEN_CLIP_EOT_ID, OPEN_CLIP_PAD_ID, OPEN_CLIP_VOCAB_SIZE
 
 
 def add_mask_token(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
+from mmcli.spec.choices import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, PRECISIONS, SOURCE_FORMATS, literal
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,26 +37,31 @@ class ModelSpec(Section):
 # --------------------------------------------------------------------------------------------
 
 
-class SourceSpec(Section):
-    """One source of image–text pairs."""
+class FileSourceSpec(Section):
+    """Where records of images (and their captions or labels) are read from."""
 
     path: str
     """A CSV/TSV file, a JSONL file, a folder of images with same-name ``.txt`` captions, or
     webdataset shards (``shards/{00000..00009}.tar``, a folder of ``.tar`` files, or one tar).
     Relative image paths inside CSV/TSV/JSONL files are resolved against the file's folder."""
 
-    format: Literal["auto", "csv", "tsv", "jsonl", "folder", "webdataset"] = "auto"
+    format: literal(SOURCE_FORMATS) = "auto"
     """How to read ``path``; ``auto`` decides from the suffix (or folder contents)."""
 
-    image_key: str = "filepath"
-    """Column (CSV/TSV) or key (JSONL) holding the image path; for webdataset, the image
-    extensions tried in order are ``jpg;jpeg;png;webp``."""
-
-    text_key: str = "title"
-    """Column (CSV/TSV) or key (JSONL) holding the caption; for webdataset the ``txt`` member."""
+    image_key: str = DEFAULT_IMAGE_KEY
+    """Column (CSV/TSV) or key (JSONL, falling back to ``image``) holding the image path; for
+    webdataset, the image extensions tried in order are ``jpg;jpeg;png;webp``."""
 
     separator: Optional[str] = None
     """Column separator for CSV/TSV; default ``\\t`` for ``.tsv`` and ``,`` for ``.csv``."""
+
+
+class SourceSpec(FileSourceSpec):
+    """One source of image–text pairs."""
+
+    text_key: str = DEFAULT_TEXT_KEY
+    """Column (CSV/TSV) or key (JSONL, falling back to ``caption``) holding the caption; for
+    webdataset the ``txt`` member."""
 
     size: Optional[int] = None
     """Number of samples in a webdataset source (needed for epochs and the progress bar);
@@ -101,7 +107,7 @@ class TrainSpec(Section):
     accumulate: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
 
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: literal(PRECISIONS) = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``bf16`` also autocasts on CPU."""
 
     seed: int = 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
+from mmcli.spec.choices import EVAL_TASKS, REGION_SOURCES, check_registry, literal
+from mmcli.spec.common import FileSourceSpec, SourceSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -14,25 +16,26 @@ from mmcli.spec.base import Section
 # --------------------------------------------------------------------------------------------
 
 
-class LabelledSourceSpec(Section):
+def _map_style(source: FileSourceSpec) -> FileSourceSpec:
+    if source.format == "webdataset":
+        raise ValueError("format: an evaluation reads every record; webdataset shards are not supported here")
+    return source
+
+
+class LabelledSourceSpec(FileSourceSpec):
     """Labelled images: a class-folder tree (``root/<class>/…/image``) or a CSV/TSV/JSONL file."""
 
     path: str
-    """A folder whose sub-folders are the classes (images anywhere below them), or a CSV/TSV/JSONL
-    file with an image column and a label column; relative image paths are resolved against the
-    file's folder."""
-
-    format: Literal["auto", "folder", "csv", "tsv", "jsonl"] = "auto"
-    """How to read ``path``; ``auto`` decides from the suffix (a folder is a class-folder tree)."""
-
-    image_key: str = "filepath"
-    """Column (CSV/TSV) or key (JSONL) holding the image path (JSONL falls back to ``image``)."""
+    """A folder whose sub-folders are the classes (images anywhere below them; ``format: auto``
+    reads a folder so), or a CSV/TSV/JSONL file with an image column and a label column; relative
+    image paths are resolved against the file's folder."""
 
     label_key: str = "label"
     """Column or key holding the class name."""
 
-    separator: Optional[str] = None
-    """Column separator for CSV/TSV; default ``\\t`` for ``.tsv`` and ``,`` for ``.csv``."""
+    @model_validator(mode="after")
+    def _not_streamed(self):
+        return _map_style(self)
 
 
 class ZeroShotTaskSpec(LabelledSourceSpec):
@@ -62,26 +65,16 @@ class ZeroShotTaskSpec(LabelledSourceSpec):
         return self
 
 
-class RetrievalTaskSpec(Section):
-    """Image↔text retrieval recall@K on image–caption pairs (several captions per image allowed)."""
-
-    path: str
-    """A CSV/TSV/JSONL file or a folder of captioned images, as a pretraining source."""
-
-    format: Literal["auto", "csv", "tsv", "jsonl", "folder"] = "auto"
-    """How to read ``path``; ``auto`` decides from the suffix."""
-
-    image_key: str = "filepath"
-    """Column or key of the image path."""
-
-    text_key: str = "title"
-    """Column or key of the caption (JSONL falls back to ``caption``)."""
-
-    separator: Optional[str] = None
-    """Column separator for CSV/TSV."""
+class RetrievalTaskSpec(SourceSpec):
+    """Image↔text retrieval recall@K on image–caption pairs (several captions per image allowed),
+    read from a source as in pretraining (CSV/TSV/JSONL file or a folder of captioned images)."""
 
     ks: list[int] = [1, 5, 10]
     """The K of recall@K."""
+
+    @model_validator(mode="after")
+    def _not_streamed(self):
+        return _map_style(self)
 
 
 class LinearProbeTaskSpec(Section):
@@ -116,7 +109,7 @@ class AlignmentEvalTaskSpec(FusionEvalTaskSpec):
     image, whether the concept of the image's caption best aligned with the object's region
     names its own colour and/or shape (the box labels are used only to score)."""
 
-    regions: Optional[Literal["given", "salient", "grid"]] = None
+    regions: Optional[literal(REGION_SOURCES)] = None
     """The regions to reason over; default: the run's own setting. With automatic regions an
     object is scored through the region overlapping its box most (IoU ≥ 0.3; else a miss)."""
 
@@ -147,7 +140,7 @@ class EvalSpec(Section):
     """Linear-probe accuracy on frozen image embeddings, full and few-shot."""
 
     vqa: Optional[FusionEvalTaskSpec] = None
-    """VQA accuracy of a ``mmcli fuse`` VQA run (``mmcli.evaluate_fusion``)."""
+    """VQA accuracy of a ``mmcli fuse`` VQA run (``mmcli.evaluation.fusion``)."""
 
     itm: Optional[FusionEvalTaskSpec] = None
     """Image–text matching accuracy of a run with an ITM head."""
@@ -175,5 +168,4 @@ class EvalSpec(Section):
         return self
 
 
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment")
-"""The task sections of :class:`EvalSpec`, in the order they run."""
+check_registry("eval tasks", [f for f in EvalSpec.model_fields if f in EVAL_TASKS], EVAL_TASKS)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field
 
 from mmcli.spec.base import Section
+from mmcli.spec.choices import ENCODER_MODES, FUSE_TASKS, literal
 from mmcli.spec.common import OutputSpec, TrainSpec
 from mmcli.spec.fusion import FusionSpec
 
@@ -45,7 +46,7 @@ class FuseSpec(Section):
     """The pretrained run folder (``runs/shapes-mm``) whose encoders (and fusion encoder, when it
     has one and ``fusion`` is omitted) start this run."""
 
-    task: Literal["vqa", "itm"] = "vqa"
+    task: literal(FUSE_TASKS) = "vqa"
     """``vqa``: answer classification over the training answers; ``itm``: whether a caption
     matches an image (each image with its caption and with another image's caption)."""
 
@@ -55,7 +56,7 @@ class FuseSpec(Section):
     fusion: Optional[FusionSpec] = None
     """A fresh fusion encoder; omitted: the base run's pretrained one."""
 
-    encoders: Literal["frozen", "finetune"] = "finetune"
+    encoders: literal(ENCODER_MODES) = "finetune"
     """``frozen``: the image and text towers keep the base run's weights and only the fusion
     encoder and head train; ``finetune``: they train too."""
 

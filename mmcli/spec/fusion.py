@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field
 
 from mmcli.spec.base import Section
+from mmcli.spec.choices import (
+    FUSION_STRATEGIES,
+    GRAPH_LAYERS,
+    LATE_MODES,
+    POOLS,
+    REGION_SOURCES,
+    TOKENLESS_STRATEGIES,
+    literal,
+)
 
 
 class GraphSpec(Section):
-    """Region–concept graph reasoning (``mmcli.models.graph_fusion``): image regions and the
+    """Region–concept graph reasoning (``mmcli.models.fusion.graph``): image regions and the
     text's key concepts are the two sides of a bipartite graph, a GCN or GAT reasons over it, and
     the region–concept alignment it infers is summarised and concatenated to the other features
     before the prediction head."""
 
-    layer: Literal["gcn", "gat"] = "gat"
+    layer: literal(GRAPH_LAYERS) = "gat"
     """The graph layer: ``gcn`` (graph convolution on the weighted adjacency) or ``gat`` (graph
     attention, steered by the edge weights)."""
 
@@ -39,7 +48,7 @@ class GraphSpec(Section):
     temperature: float = Field(0.1, gt=0)
     """Edge weight ``exp((cos − 1) / temperature)``: lower is sharper."""
 
-    regions: Literal["given", "salient", "grid"] = "given"
+    regions: literal(REGION_SOURCES) = "given"
     """``given``: the boxes that come with the data (the shapes dataset's objects, or
     ``data.boxes``), salient regions for an image without boxes; ``salient``: always found from
     the image's own patch tokens (a fixed grid when nothing stands out); ``grid``: a fixed grid."""
@@ -72,7 +81,7 @@ class FusionSpec(Section):
     """The fusion encoder that joins text and image features (used by ``mmlm``, ``itm``, ``mim``
     and by ``mmcli fuse``)."""
 
-    strategy: Literal["early", "late", "hybrid", "cross_attention", "graph"] = "cross_attention"
+    strategy: literal(FUSION_STRATEGIES) = "cross_attention"
     """``cross_attention``: text tokens attend to the image's patch tokens (Q = text, K = V =
     image), layer after layer; ``early``: one transformer over text and patch tokens together;
     ``late``: a combination of the two pooled embeddings; ``hybrid``: early and late side by side;
@@ -99,17 +108,17 @@ class FusionSpec(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout inside the fusion layers."""
 
-    late_mode: Literal["concat", "sum", "product", "gated"] = "gated"
+    late_mode: literal(LATE_MODES) = "gated"
     """How ``late`` (and the late branch of ``hybrid``) combines the pooled embeddings: a linear
     map of their concatenation, their sum, their product, or a learned per-feature gate."""
 
-    pool: Literal["mean", "first"] = "mean"
+    pool: literal(POOLS) = "mean"
     """``cross_attention`` only: the pooled output is the mean of the real text tokens or the
     first (start-of-text) token."""
 
     def has_tokens(self) -> bool:
         """Whether the strategy keeps a fused token sequence (needed by ``mmlm`` and ``mim``)."""
-        return self.strategy not in ("late", "graph")
+        return self.strategy not in TOKENLESS_STRATEGIES
 
     def graph_spec(self) -> Optional[GraphSpec]:
         """The graph settings in use: ``graph``, or the defaults for ``strategy: graph``."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
+from mmcli.spec.choices import FUSION_OBJECTIVES, MIM_LOSSES, OBJECTIVES, TOKEN_OBJECTIVES, check_registry, literal
 from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec
 from mmcli.spec.fusion import FusionSpec
 
@@ -99,7 +100,7 @@ class MimObjectiveSpec(Section):
     ratio: float = Field(0.4, gt=0, lt=1)
     """Share of the patches masked in each image."""
 
-    loss: Literal["cosine", "mse"] = "cosine"
+    loss: literal(MIM_LOSSES) = "cosine"
     """``cosine``: 1 − cosine similarity to the target feature; ``mse``: mean squared error of the
     layer-normalised features."""
 
@@ -138,6 +139,9 @@ class Objectives(Section):
         return out
 
 
+check_registry("objectives", Objectives.model_fields, OBJECTIVES)
+
+
 class PretrainSpec(Section):
     """A ``mmcli pretrain`` run."""
 
@@ -162,13 +166,13 @@ class PretrainSpec(Section):
     @model_validator(mode="after")
     def _fusion_when_needed(self) -> "PretrainSpec":
         enabled = self.objectives.enabled()
-        needing = [name for name in ("mmlm", "itm", "mim") if name in enabled]
+        needing = [name for name in FUSION_OBJECTIVES if name in enabled]
         if needing and self.fusion is None:
             raise ValueError(f"fusion: missing; objectives {', '.join(needing)} need it")
         if self.fusion is not None and self.fusion.graph_spec() is not None:
             # Pretraining batches carry no boxes or concept spans for the graph to read.
             raise ValueError("fusion.graph: region–concept graph reasoning is trained by mmcli fuse, not pretrain")
-        tokens = [name for name in ("mmlm", "mim") if name in enabled]
+        tokens = [name for name in TOKEN_OBJECTIVES if name in enabled]
         if tokens and not self.fusion.has_tokens():
             raise ValueError(f"fusion.strategy: {self.fusion.strategy} keeps no token sequence, "
                              f"which {', '.join(tokens)} need")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmcli.data.vqa import apply_box_file
+from mmcli.data.examples import apply_box_file
 from mmcli.errors import MmcliError
 
 

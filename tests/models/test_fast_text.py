@@ -12,7 +12,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from mmcli import checkpoint as ckpt
+    from mmcli.models import weights as ckpt
     from mmcli.models.encoders import build_dual_encoder
     from mmcli.models.multimodal import MultimodalModel
     from mmcli.spec import ModelSpec

@@ -8,13 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mmcli.models.fusion import (
-    FUSION_STRATEGIES,
-    CrossAttentionFusion,
-    CrossAttentionLayer,
-    LateFusion,
-    build_fusion,
-)
+from mmcli.models.fusion import FUSION_STRATEGIES, build_fusion
+from mmcli.models.fusion.strategies import CrossAttentionFusion, CrossAttentionLayer, LateFusion
+from mmcli.spec import FusionSpec, choices
 
 B, L, N, DT, DI, ET, EI, DIM, HEADS = 3, 5, 4, 12, 10, 6, 7, 16, 2
 OPTIONS = {
@@ -102,7 +98,7 @@ def test_fusion_exposes_each_layers_weights():
     assert len(weights) == 2 and all(w.shape == (B, L, N) for w in weights)
 
 
-@pytest.mark.parametrize("strategy", sorted(FUSION_STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(OPTIONS))
 def test_every_strategy_returns_batch_by_dim(strategy):
     fusion = build(strategy)
     with torch.no_grad():
@@ -134,7 +130,7 @@ def test_padding_text_tokens_do_not_affect_real_tokens(strategy):
         assert torch.allclose(fusion.forward_tokens(trimmed)[0], clean_tokens[1, :3], atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", sorted(FUSION_STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(OPTIONS))
 def test_fused_output_depends_on_the_image(strategy):
     fusion, inputs = build(strategy), make_inputs()
     other = dict(inputs)
@@ -187,3 +183,9 @@ def test_unknown_names_are_refused_with_the_choices():
         build_fusion("middle", dim=DIM)
     with pytest.raises(ValueError, match="concat, sum, product, gated"):
         LateFusion(DIM, ET, EI, mode="max")
+
+
+def test_the_registry_implements_exactly_the_strategies_the_spec_offers():
+    offered = FusionSpec.model_fields["strategy"].annotation.__args__
+    assert tuple(FUSION_STRATEGIES) == choices.FUSION_STRATEGIES == offered
+    assert set(OPTIONS) | {"graph"} == set(FUSION_STRATEGIES)

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from mmcli.models.graph import alignment_feature_dim
-from mmcli.models.graph_fusion import GraphFusion, alignment_loss, pad_boxes, span_means
+from mmcli.models.graph.layers import alignment_feature_dim
+from mmcli.models.fusion import build_fusion
+from mmcli.models.fusion.graph import GraphFusion, pad_boxes, span_means
+from mmcli.training.losses import alignment_loss
 
 GRAPH = {"layer": "gat", "heads": 2, "max_iters": 3, "tol": 0.0, "regions": "given", "grid": 2}
 
@@ -42,7 +44,7 @@ def test_output_shape_and_width_of_the_combined_features():
     # The pooled embeddings (4 + 3) and the alignment summary feed the projection.
     assert fusion.combine[0].in_features == 4 + 3 + alignment_feature_dim(8)
     inner = {"strategy": "cross_attention", "dim": 8, "depth": 1, "heads": 2, "image_dim": 6, "text_dim": 5}
-    with_attention = _fusion(inner)
+    with_attention = _fusion(build_fusion(**inner))
     assert with_attention(_inputs()).shape == (2, 8)
     assert with_attention.combine[0].in_features == 8 + alignment_feature_dim(8)
     assert with_attention.forward_tokens(_inputs()).shape == (2, 7, 8)
@@ -126,7 +128,7 @@ def test_alignment_loss_same_caption_is_no_negative():
 
 
 def test_local_features_add_the_pooled_input_embeddings():
-    from mmcli.models.regions import roi_features
+    from mmcli.models.graph.regions import roi_features
 
     fusion = _fusion(local_features=True)
     inputs = dict(_inputs(), image_patches=torch.randn(2, 16, 6), text_embeddings=torch.randn(2, 7, 5))

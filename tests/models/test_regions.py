@@ -1,9 +1,9 @@
-"""Tests for mmcli.models.regions: ROI pooling, box geometry, salient and grid regions."""
+"""Tests for mmcli.models.graph.regions: ROI pooling, box geometry, salient and grid regions."""
 
 import pytest
 import torch
 
-from mmcli.models.regions import BoxEmbedding, box_geometry, grid_regions, roi_features, salient_regions
+from mmcli.models.graph.regions import BoxEmbedding, box_geometry, grid_regions, roi_features, salient_regions
 
 # A 4×4 patch grid over a 64-pixel image: each cell is 16×16 pixels; token n is cell (n // 4, n % 4).
 IMAGE, CELL = 64, 16

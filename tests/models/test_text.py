@@ -9,12 +9,8 @@ import pytest
 import torch
 from open_clip.model import text_global_pool
 
-from mmcli.models.text import (
-    OPEN_CLIP_EOT_ID,
-    OPEN_CLIP_VOCAB_SIZE,
-    add_mask_token,
-    text_token_states,
-)
+from mmcli.models.constants import OPEN_CLIP_EOT_ID, OPEN_CLIP_VOCAB_SIZE
+from mmcli.models.text import add_mask_token, text_token_states
 
 TINY = {
     "embed_dim": 32,

@@ -1,0 +1,283 @@
+"""Turn images or texts into L2-normalised embeddings, batch by batch.
+
+The inputs of ``mmcli embed`` (a folder of images, a CSV/TSV/JSONL dataset file, webdataset
+shards, a text file) become a list of :class:`Item` s, or a stream of them for shards. Images are
+decoded in DataLoader workers, at reduced size where the format allows it (JPEG draft mode), and
+each batch comes back as ``(keys, embeddings, bad)`` so that a caller can stream rows into an
+:class:`~mmcli.retrieval.index.IndexWriter` (``mmcli embed``) or collect them (``mmcli eval``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage, is_image_file, load_image
+from mmcli.data.sources import read_records, source_format, webdataset_urls
+from mmcli.errors import MmcliError
+from mmcli.spec import SourceSpec
+
+TEXT_SUFFIXES = (".txt",)
+WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to embed: ``key`` names its row in the index (a path relative to the input, or
+    the text itself); ``source`` is what is decoded (an absolute image path, or the text)."""
+
+    key: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What ``mmcli embed PATH`` reads: ``items`` (None for streamed webdataset ``urls``), the
+    ``modality``, the ``root`` that relative keys start from, and the input ``format``."""
+
+    format: str
+    modality: str
+    root: str
+    items: Optional[list[Item]] = None
+    urls: Optional[list[str]] = None
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+
+def input_format(path: str) -> str:
+    """``folder``, ``text``, ``csv``, ``tsv``, ``jsonl`` or ``webdataset`` for an embed input."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() in TEXT_SUFFIXES and p.is_file():
+        return "text"
+    return source_format(SourceSpec(path=path))
+
+
+def resolve_inputs(path: str, modality: str = "auto", *, image_key: str = "filepath",
+                   text_key: str = "title") -> Inputs:
+    """The items (or shards) of ``path`` for ``modality`` (``auto``, ``image`` or ``text``).
+
+    ``auto`` embeds images, except for a text file. Keys are unique: relative paths for images
+    (the same image listed twice in a dataset file is embedded once), texts for texts.
+    """
+    fmt = input_format(path)
+    if modality == "auto":
+        modality = "text" if fmt == "text" else "image"
+    if fmt == "text":
+        if modality == "image":
+            raise MmcliError(f"{path}: a text file holds texts; use --modality text or auto")
+        return Inputs(fmt, modality, str(Path(path).resolve().parent), items=text_file_items(Path(path)))
+    if fmt == "folder":
+        if modality == "text":
+            raise MmcliError(f"{path}: a folder of images has no texts to embed; use --modality image")
+        root = Path(path).expanduser().resolve()
+        return Inputs(fmt, modality, str(root), items=folder_items(root))
+    if fmt == "webdataset":
+        return Inputs(fmt, modality, str(Path(path).expanduser().resolve()),
+                      urls=webdataset_urls(SourceSpec(path=path)))
+    spec = SourceSpec(path=path, format=fmt, image_key=image_key, text_key=text_key)
+    root = Path(path).expanduser().resolve().parent
+    return Inputs(fmt, modality, str(root), items=dataset_items(spec, root, modality))
+
+
+def folder_items(root: Path) -> list[Item]:
+    """Every image file under ``root`` (recursive, any letter case of the suffix), sorted."""
+    if not root.is_dir():
+        raise MmcliError(f"{root}: no such folder")
+    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
+    if not paths:
+        raise MmcliError(f"{root}: no image files found (looked for .jpg, .png, .webp, .bmp, .gif, .tiff)")
+    return [Item(p.relative_to(root).as_posix(), str(p)) for p in paths]
+
+
+def dataset_items(spec: SourceSpec, root: Path, modality: str) -> list[Item]:
+    """The images (deduplicated) or the captions of a CSV/TSV/JSONL dataset file."""
+    records = read_records(spec)
+    if modality == "text":
+        return [Item(r.text, r.text) for r in records]
+    seen: dict[str, Item] = {}
+    for r in records:
+        key = os.path.relpath(r.image, root).replace(os.sep, "/")
+        seen.setdefault(key, Item(key, r.image))
+    return list(seen.values())
+
+
+def text_file_items(path: Path) -> list[Item]:
+    """One item per non-blank line of a UTF-8 text file (surrounding spaces dropped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise MmcliError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    items = [Item(line.strip(), line.strip()) for line in lines if line.strip()]
+    if not items:
+        raise MmcliError(f"{path}: no texts (every line is blank)")
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+
+
+class ImageItems(Dataset):
+    """Map-style dataset: ``(key, pixels or None, reason)``; an unusable image gives ``None``
+    and why, never an exception, so one broken file cannot stop a run."""
+
+    def __init__(self, items: list[Item], preprocess: Callable, *, draft: Optional[tuple[int, int]],
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items, self.preprocess, self.draft, self.max_pixels = items, preprocess, draft, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[str, Optional[torch.Tensor], str]:
+        item = self.items[index]
+        return decode(item.key, item.source, self.preprocess, self.draft, self.max_pixels)
+
+
+def decode(key: str, source: Any, preprocess: Callable, draft, max_pixels: int):
+    """``(key, preprocess(image), "")``, or ``(key, None, reason)`` for an unusable image."""
+    try:
+        image = load_image(source, max_pixels=max_pixels, draft=draft)
+        return key, preprocess(image), ""
+    except BadImage as exc:
+        return key, None, exc.reason
+    except Exception as exc:  # noqa: BLE001 - a transform failing on one odd image skips only it
+        return key, None, f"preprocessing failed ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+class ShardImages(IterableDataset):
+    """Images streamed from webdataset shards (``key.jpg`` …), keyed ``shard.tar/key``.
+
+    Each DataLoader worker reads every ``workers``-th shard; ``done`` keys are not decoded."""
+
+    def __init__(self, urls: list[str], preprocess: Callable, *, draft, done: set[str],
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.urls, self.preprocess, self.draft, self.done, self.max_pixels = urls, preprocess, draft, done, max_pixels
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[worker::workers]:
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": url}]))
+            for raw in samples:
+                key = f"{os.path.basename(url)}/{raw['__key__']}"
+                if key in self.done:
+                    continue
+                data = next((raw[k] for k in WEBDATASET_IMAGE_KEYS if k in raw), None)
+                if data is None:
+                    yield key, None, "no image member"
+                else:
+                    yield decode(key, data, self.preprocess, self.draft, self.max_pixels)
+
+
+def collate_items(batch: list[tuple[str, Optional[torch.Tensor], str]]) -> dict[str, Any]:
+    """Stack the decoded images of a batch; list the undecodable ones as ``(key, reason)``."""
+    good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
+    return {"keys": [key for key, _ in good],
+            "pixels": torch.stack([p for _, p in good]) if good else None,
+            "bad": [(key, reason) for key, pixels, reason in batch if pixels is None]}
+
+
+def draft_size(preprocess: Callable) -> Optional[tuple[int, int]]:
+    """The smallest decode size that loses nothing for ``preprocess``: its output side.
+
+    open_clip's evaluation transform resizes the shorter side to the model's input size, so a
+    JPEG decoded at any scale whose sides are at least that size gives the same crop (up to
+    resampling); DCT-domain scaling skips most of the decoding work for large photos.
+    """
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            side = size if isinstance(size, int) else max(size)
+            return side, side
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+# --------------------------------------------------------------------------------------------
+
+
+Batch = tuple[list[str], np.ndarray, list[tuple[str, str]]]
+
+
+def image_loader(dataset: Dataset, *, batch_size: int, workers: int) -> DataLoader:
+    """A DataLoader over an image dataset of this module, in order (resuming relies on it)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_items, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+@torch.inference_mode()
+def encode_image_batches(model, loader: Iterable[dict[str, Any]], device: torch.device) -> Iterator[Batch]:
+    """``(keys, embeddings float32 [n, D], bad)`` per batch of ``loader`` (see :func:`collate_items`)."""
+    for batch in loader:
+        if batch["pixels"] is None:
+            yield [], np.zeros((0, 0), np.float32), batch["bad"]
+            continue
+        with _autocast(device):
+            emb = model.encode_image(batch["pixels"].to(device, non_blocking=True), normalize=True)
+        yield batch["keys"], _normalised(emb), batch["bad"]
+
+
+@torch.inference_mode()
+def encode_text_batches(model, tokenizer: Callable, items: list[Item], *, batch_size: int,
+                        device: torch.device) -> Iterator[Batch]:
+    """``(keys, embeddings, [])`` per batch of texts; texts never fail (long ones are truncated
+    to the model's context, as open_clip's tokenizer does)."""
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        tokens = tokenizer([item.source for item in chunk]).to(device)
+        with _autocast(device):
+            emb = model.encode_text(tokens, normalize=True)
+        yield [item.key for item in chunk], _normalised(emb), []
+
+
+def _normalised(emb: torch.Tensor) -> np.ndarray:
+    # Renormalised in float32: under bf16 autocast the model's own normalisation is inexact.
+    emb = emb.float()
+    return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def embed_images(loaded, paths: list[str], *, batch_size: int, workers: int, device: torch.device,
+                 draft: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Embed the image files ``paths`` in memory: ``(embeddings [n_ok, D], ok mask [n], bad)``.
+
+    Used by ``mmcli eval``; ``bad`` lists ``(path, reason)`` of the images left out.
+    """
+    items = [Item(str(i), p) for i, p in enumerate(paths)]
+    dataset = ImageItems(items, loaded.preprocess, draft=draft_size(loaded.preprocess) if draft else None)
+    rows, ok, bad = [], np.zeros(len(paths), dtype=bool), []
+    for keys, emb, failed in encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size,
+                                                                             workers=workers), device):
+        if keys:
+            rows.append(emb)
+            ok[[int(k) for k in keys]] = True
+        bad += [(paths[int(k)], reason) for k, reason in failed]
+    dim = rows[0].shape[1] if rows else loaded.model.clip.visual.output_dim
+    return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), ok, bad
+
+
+def embed_texts(loaded, texts: list[str], *, batch_size: int, device: torch.device) -> np.ndarray:
+    """Embed ``texts`` in memory: float32 [n, D], L2-normalised."""
+    items = [Item(str(i), t) for i, t in enumerate(texts)]
+    rows = [emb for _, emb, _ in encode_text_batches(loaded.model, loaded.tokenizer, items,
+                                                      batch_size=batch_size, device=device)]
+    return np.concatenate(rows)

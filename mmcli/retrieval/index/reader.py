@@ -1,0 +1,188 @@
+"""Reading an index: memory-mapped :class:`Index`, shards as one :class:`RowConcat`, the sidecar."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from mmcli.errors import MmcliError
+from mmcli.retrieval.index.files import (
+    FORMAT,
+    VERSION,
+    _base_of,
+    _check_npy_path,
+    _partial,
+    _shard_files,
+    shard_path,
+    sidecar_path,
+)
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+class RowConcat:
+    """Shards read as one N×D matrix without copying; indexing copies only the rows asked for."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+        self.shape = (int(self.offsets[-1]), parts[0].shape[1])
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (int array, negative counts from the end) as a new array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((rows.size, self.shape[1]), self.dtype)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, slice):
+            rows = self.take(np.arange(*key.indices(len(self))))
+        elif np.ndim(key) == 0:
+            rows = self.take(np.array([key]))[0]
+            return rows[rest] if rest else rows
+        else:
+            rows = self.take(key)
+        return rows[(slice(None),) + rest] if rest else rows
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts)
+        return out if dtype is None else out.astype(dtype)
+
+
+Embeddings = Union[np.ndarray, RowConcat]
+
+
+@dataclass(frozen=True)
+class Index:
+    """A complete index opened read-only.
+
+    ``embeddings`` is the N×D read-only memmap (a :class:`RowConcat` of memmaps for shards),
+    ``meta`` the sidecar (for shards: the first one's, with count, items and skipped of all),
+    ``items`` row → relative path or text.
+    """
+
+    path: str
+    embeddings: Embeddings
+    meta: dict = field(repr=False)
+    files: tuple[str, ...] = ()
+
+    @property
+    def items(self) -> list[str]:
+        """Row → item (relative path or text)."""
+        return self.meta["items"]
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return self.embeddings.shape[1]
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def open_index(path: Union[str, os.PathLike]) -> Index:
+    """Open the index at ``path`` (``emb.npy``; shards are found from that base name)."""
+    path = _check_npy_path(path)
+    files = _index_files(path)
+    opened = [_open_one(f) for f in files]
+    if len(opened) == 1:
+        array, meta = opened[0]
+        return Index(path, array, meta, tuple(files))
+    arrays, metas = zip(*opened)
+    return Index(path, RowConcat(list(arrays)), _merge_shard_meta(files, list(metas)), tuple(files))
+
+
+def _index_files(path: str) -> list[str]:
+    """The file(s) making up the index named ``path``, or a one-line reason why there are none."""
+    shards = _shard_files(path) if _base_of(path) == path else {}
+    if not shards:
+        if not os.path.exists(path):
+            raise _missing(path)
+        return [path]
+    if os.path.exists(path):
+        raise MmcliError(f"{path} and shards of it both exist; remove one of them")
+    if len(shards) > 1:
+        raise MmcliError(f"shards of {path} from runs with {sorted(shards)} ranks both exist; remove the stale ones")
+    (world, ranks), = shards.items()
+    for rank in range(world):
+        if rank not in ranks:
+            raise _missing(shard_path(path, rank, world))
+    return [ranks[r] for r in range(world)]
+
+
+def _missing(path: str) -> MmcliError:
+    if os.path.exists(_partial(path)) or _shard_files(path, suffix=".partial"):
+        return MmcliError(f"index {path} is incomplete (a .partial file exists): "
+                          "re-run embed with the same --out to resume")
+    return MmcliError(f"index file not found: {path}")
+
+
+def _open_one(path: str) -> tuple[np.ndarray, dict]:
+    meta = read_sidecar(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MmcliError(f"cannot read index {path}: {exc}") from exc
+    found = {"count": array.shape[0] if array.ndim == 2 else None,
+             "dim": array.shape[1] if array.ndim == 2 else None, "dtype": str(array.dtype)}
+    for key, value in found.items():
+        if meta[key] != value:
+            raise MmcliError(f"{path}: sidecar says {key}={meta[key]} but the array has {value}; re-run embed")
+    if len(meta["items"]) != meta["count"]:
+        raise MmcliError(f"{sidecar_path(path)}: {len(meta['items'])} items for {meta['count']} rows")
+    return array, meta
+
+
+def read_sidecar(path: str) -> dict:
+    side = sidecar_path(path)
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise MmcliError(f"index sidecar not found: {side} (it describes {path}; re-run embed)") from None
+    except (OSError, ValueError) as exc:
+        raise MmcliError(f"index sidecar {side} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MmcliError(f"{side} is not an mmcli index sidecar (format should be {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise MmcliError(f"{side}: index format version {meta.get('version')} is not supported (expected {VERSION})")
+    if meta.get("complete") is not True:
+        raise MmcliError(f"{side}: index is incomplete; re-run embed with the same --out to resume")
+    for key in ("model", "modality", "dim", "dtype", "count", "items"):
+        if key not in meta:
+            raise MmcliError(f"{side}: field {key!r} is missing")
+    return meta
+
+
+def _merge_shard_meta(files: list[str], metas: list[dict]) -> dict:
+    for path, meta in zip(files[1:], metas[1:]):
+        for key in ("model", "modality", "dim", "dtype"):
+            if meta[key] != metas[0][key]:
+                raise MmcliError(f"{path}: {key} differs from {files[0]}; these shards are not one index")
+    merged = {k: v for k, v in metas[0].items() if k != "shard"}
+    merged["count"] = sum(m["count"] for m in metas)
+    merged["items"] = [item for m in metas for item in m["items"]]
+    merged["skipped"] = [s for m in metas for s in m.get("skipped", [])]
+    merged["shards"] = [os.path.basename(f) for f in files]
+    return merged

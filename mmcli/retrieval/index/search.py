@@ -1,0 +1,89 @@
+"""Exact search over an index: chunked cosine top-k that never grows with N, and recall@k."""
+
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+import numpy as np
+
+from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat
+
+_SCORE_BUDGET = 1 << 26  # score-matrix elements per chunk (256 MiB of float32)
+
+
+# --------------------------------------------------------------------------------------------
+# exact search
+# --------------------------------------------------------------------------------------------
+
+
+def iter_row_blocks(embeddings: Embeddings, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) pairs covering ``embeddings`` in blocks of at most ``rows`` rows."""
+    parts = embeddings.parts if isinstance(embeddings, RowConcat) else [embeddings]
+    offset = 0
+    for part in parts:
+        for start in range(0, len(part), rows):
+            yield offset + start, part[start : start + rows]
+        offset += len(part)
+
+
+def search_exact(
+    source: Union[Index, Embeddings], queries: np.ndarray, k: int, *, chunk_rows: int = 262_144
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-``k`` of ``queries`` (Q×D, L2-normalised) among the rows of ``source``.
+
+    Scans the rows in chunks (fewer rows per chunk for large Q, so the Q×chunk score matrix
+    stays under 256 MiB) and merges each chunk's top-k into a running top-k: memory never
+    grows with N. float16 rows are scored in float32. Returns ``(scores, ids)``, Q×min(k, N)
+    float32 and int64, best first; equal scores are ordered by lower id.
+    """
+    embeddings = source.embeddings if isinstance(source, Index) else source
+    q = query_matrix(queries, embeddings.shape[1])
+    k = min(int(k), len(embeddings))
+    best_scores = np.empty((len(q), 0), np.float32)
+    best_ids = np.empty((len(q), 0), np.int64)
+    if k <= 0:
+        return best_scores, best_ids
+    rows = min(chunk_rows, max(1024, _SCORE_BUDGET // len(q)))
+    for start, block in iter_row_blocks(embeddings, rows):
+        scores = q @ np.asarray(block, dtype=np.float32).T
+        ids = _top_k_columns(scores, k)
+        chunk_scores = np.take_along_axis(scores, ids, axis=1)
+        best_scores, best_ids = _merge_top_k(best_scores, best_ids, chunk_scores, ids + start, k)
+    return best_scores, best_ids
+
+
+def query_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries must be Q×{dim}, got shape {np.shape(queries)}")
+    if not np.isfinite(q).all():
+        raise ValueError("queries contain NaN or infinity")
+    return np.ascontiguousarray(q)
+
+
+def _top_k_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column ids of each row's ``k`` largest scores (unordered), lower ids first among ties."""
+    n = scores.shape[1]
+    if k >= n:
+        return np.broadcast_to(np.arange(n), scores.shape).copy()
+    ids = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+    # argpartition picks arbitrarily among scores equal to the k-th: redo the rows where a
+    # tied score was left out, with a stable sort that keeps lower ids first.
+    kth = np.take_along_axis(scores, ids, axis=1).min(axis=1, keepdims=True)
+    for row in np.flatnonzero(np.count_nonzero(scores >= kth, axis=1) > k):
+        ids[row] = np.argsort(-scores[row], kind="stable")[:k]
+    return ids
+
+
+def _merge_top_k(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, k: int):
+    scores, ids = np.concatenate([s1, s2], axis=1), np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]  # by score, then by lower id
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    """Mean fraction of each row of ``true_ids`` (Q×k) that appears in the same row of ``found_ids``."""
+    if true_ids.size == 0:
+        return 1.0
+    hits = [len(np.intersect1d(f, t)) for f, t in zip(found_ids, true_ids)]
+    return float(np.sum(hits) / true_ids.size)

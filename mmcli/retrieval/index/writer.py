@@ -1,0 +1,251 @@
+"""Writing an index: :class:`IndexWriter` streams rows into a resumable ``.partial`` file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional, Union
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from mmcli import __version__
+from mmcli.errors import MmcliError
+from mmcli.io import atomic_write_json
+from mmcli.retrieval.index.files import (
+    _SHARD_RE,
+    DTYPES,
+    FORMAT,
+    MODALITIES,
+    VERSION,
+    _base_of,
+    _check_npy_path,
+    _complete,
+    _partial,
+    _progress,
+    _set_npy_rows,
+    _shard_files,
+    _unlink,
+    sidecar_path,
+)
+
+# Sidecar fields the writer sets itself; the same keys in ``meta`` are ignored.
+_WRITER_KEYS = {"format", "version", "model", "modality", "dim", "dtype", "count", "created", "root",
+                "items", "skipped", "complete", "shard"}
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumeState:
+    """What an interrupted :class:`IndexWriter` had saved: the caller skips these items."""
+
+    rows: int
+    items: list[str]
+    skipped: list[dict]
+    dim: int
+    dtype: str
+    meta: dict
+
+
+class IndexWriter:
+    """Write an index block by block so that an interrupted run can resume.
+
+    Rows go into ``<path>.partial``, a memory-mapped .npy sized for ``capacity`` rows (grown if
+    more arrive), and the progress (rows done, items, skipped) into ``<path>.partial.json``,
+    every ``flush_seconds``. Only :meth:`finish` creates ``<path>`` and its sidecar, so a file
+    named like a complete index always is one. ``meta`` must hold ``model`` (ref, arch,
+    checksum) and ``modality``, and may hold ``root`` and any other field for the sidecar.
+
+    When ``<path>.partial`` exists the writer continues it (see :meth:`resume_state`);
+    ``overwrite=True`` discards it instead and lets :meth:`finish` replace a complete index.
+    Used as a context manager it finishes on success and flushes the progress on an error.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        dim: int,
+        dtype: str = "float32",
+        capacity: int,
+        meta: dict,
+        overwrite: bool = False,
+        flush_seconds: float = 10.0,
+    ) -> None:
+        self.path = _check_npy_path(path)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.dim, self.dtype, self.meta = int(dim), dtype, _check_meta(meta)
+        self.overwrite, self.flush_seconds = overwrite, flush_seconds
+        if overwrite:
+            _unlink(_partial(self.path), _progress(self.path))
+        else:
+            _refuse_existing(self.path)
+        state = self.resume_state(self.path)
+        if state is not None:
+            self._check_resumable(state)
+        self.rows_done = state.rows if state else 0
+        self.items: list[str] = list(state.items) if state else []
+        self.skipped: list[dict] = list(state.skipped) if state else []
+        self._array = self._open_partial(max(int(capacity), self.rows_done, 1), resume=state is not None)
+        self._last_flush = time.monotonic()
+
+    @staticmethod
+    def resume_state(path: Union[str, os.PathLike]) -> Optional[ResumeState]:
+        """Rows, items and skipped items already saved by an interrupted run into ``path``.
+
+        ``None`` when there is nothing to resume (no partial output, or no progress saved yet).
+        """
+        path = os.fspath(path)
+        if not os.path.exists(_partial(path)):
+            return None
+        try:
+            with open(_progress(path), encoding="utf-8") as f:
+                p = json.load(f)
+            return ResumeState(p["rows"], p["items"], p["skipped"], p["dim"], p["dtype"], p["meta"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # progress is written atomically; without it, nothing is safely done
+
+    def add(self, rows: np.ndarray, items: list[str]) -> None:
+        """Append ``rows`` (n×dim, L2-normalised) for ``items`` (n relative paths or texts)."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim or len(items) != len(rows):
+            raise ValueError(f"expected {len(items)}×{self.dim} rows, got shape {rows.shape}")
+        norms = np.linalg.norm(rows.astype(np.float32, copy=False), axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-2):
+            raise ValueError("index rows must be L2-normalised")
+        end = self.rows_done + len(rows)
+        if end > len(self._array):
+            self._grow(max(end, 2 * len(self._array)))
+        self._array[self.rows_done : end] = rows
+        self.items.extend(str(item) for item in items)
+        self.rows_done = end
+        self._flush_if_due()
+
+    def skip(self, item: str, reason: str) -> None:
+        """Record that ``item`` has no row (unreadable image, empty text) and why."""
+        self.skipped.append({"item": str(item), "reason": str(reason)})
+        self._flush_if_due()
+
+    def flush(self) -> None:
+        """Save the rows and the progress so that a crash after this loses nothing before it."""
+        self._array.flush()  # rows reach the file before the progress that counts them
+        progress = {"rows": self.rows_done, "dim": self.dim, "dtype": self.dtype, "meta": self.meta,
+                    "items": self.items, "skipped": self.skipped}
+        atomic_write_json(_progress(self.path), progress, indent=None)
+        self._last_flush = time.monotonic()
+
+    def finish(self) -> str:
+        """Truncate to the rows written, write the final sidecar and move both into place."""
+        if self._array is None:
+            raise RuntimeError(f"{self.path} is already finished")
+        self._array.flush()
+        self._array = None  # unmap before truncating: touching a truncated map is a SIGBUS
+        partial = _partial(self.path)
+        _set_npy_rows(partial, self.rows_done)
+        # An old sidecar must never describe the new array, even for an instant.
+        _unlink(sidecar_path(self.path))
+        if self.overwrite:
+            _remove_other_layouts(self.path)
+        os.replace(partial, self.path)
+        atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
+        _unlink(_progress(self.path))
+        return self.path
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._array is None:
+            return
+        if exc_type is None:
+            self.finish()
+        else:
+            self.flush()
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def _check_resumable(self, state: ResumeState) -> None:
+        for name, before, now in (("dim", state.dim, self.dim), ("dtype", state.dtype, self.dtype),
+                                  ("model", state.meta.get("model"), self.meta["model"]),
+                                  ("modality", state.meta.get("modality"), self.meta["modality"])):
+            if before != now:
+                raise MmcliError(f"{_partial(self.path)} was started with another {name} ({before} vs {now}); "
+                                 "pass --overwrite to start again")
+
+    def _open_partial(self, capacity: int, *, resume: bool) -> np.memmap:
+        partial = _partial(self.path)
+        if not resume:
+            return npy_format.open_memmap(partial, mode="w+", dtype=self.dtype, shape=(capacity, self.dim))
+        array = npy_format.open_memmap(partial, mode="r+")
+        if array.shape[0] < capacity:
+            del array
+            _set_npy_rows(partial, capacity)
+            array = npy_format.open_memmap(partial, mode="r+")
+        return array
+
+    def _grow(self, capacity: int) -> None:
+        self._array.flush()
+        self._array = None
+        _set_npy_rows(_partial(self.path), capacity)
+        self._array = npy_format.open_memmap(_partial(self.path), mode="r+")
+
+    def _final_sidecar(self) -> dict:
+        extra = {k: v for k, v in self.meta.items() if k not in _WRITER_KEYS}
+        shard = _SHARD_RE.match(os.path.basename(self.path))
+        if shard:
+            extra["shard"] = {"rank": int(shard["rank"]), "world_size": int(shard["world"])}
+        created = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "mmcli": __version__, "host": socket.gethostname()}
+        return {"format": FORMAT, "version": VERSION, "model": self.meta["model"],
+                "modality": self.meta["modality"], "dim": self.dim, "dtype": self.dtype,
+                "count": self.rows_done, "created": created, "root": self.meta.get("root"), **extra,
+                "items": self.items, "skipped": self.skipped, "complete": True}
+
+
+def _check_meta(meta: dict) -> dict:
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError("meta['model'] must be a dict (ref, arch, checksum)")
+    if meta.get("modality") not in MODALITIES:
+        raise ValueError(f"meta['modality'] must be one of {MODALITIES}")
+    return json.loads(json.dumps(meta))  # a JSON-safe copy, compared as such on resume
+
+
+def _refuse_existing(path: str) -> None:
+    """Without --overwrite, write neither over a complete index nor beside one of another layout."""
+    base = _base_of(path)
+    if _complete(path):
+        raise MmcliError(f"{path} already exists; pass --overwrite to replace it")
+    if base != path and _complete(base):
+        raise MmcliError(f"{base} already exists; pass --overwrite to replace it with shards")
+    own_world = _shard_world(path)
+    for world, ranks in _shard_files(base).items():
+        done = [p for p in ranks.values() if world != own_world and _complete(p)]
+        if done:
+            raise MmcliError(f"shards of {base} already exist ({done[0]}); pass --overwrite to replace them")
+
+
+def _shard_world(path: str) -> Optional[int]:
+    match = _SHARD_RE.match(os.path.basename(path))
+    return int(match["world"]) if match else None
+
+
+def _remove_other_layouts(path: str) -> None:
+    """Remove outputs for the same base in the other layout, so a reader never sees both."""
+    base, own_world = _base_of(path), _shard_world(path)
+    if base != path:
+        _unlink(base, sidecar_path(base))
+    for world, ranks in _shard_files(base).items():
+        if world != own_world:
+            for shard in ranks.values():
+                _unlink(shard, sidecar_path(shard))

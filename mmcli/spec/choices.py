@@ -1,0 +1,72 @@
+"""Every list of choices a spec offers, written once (no torch: the spec and the CLI read it).
+
+The spec's ``Literal`` fields are built from these tuples; the registries that implement the
+choices (fusion strategies, objectives, eval tasks) check at import that they implement exactly
+these names, so a choice cannot exist in one place only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+FUSION_STRATEGIES = ("early", "late", "hybrid", "cross_attention", "graph")
+"""Fusion encoders (:data:`mmcli.models.fusion.FUSION_STRATEGIES`)."""
+
+TOKENLESS_STRATEGIES = ("late", "graph")
+"""Strategies that keep no fused token sequence (so they cannot serve ``mmlm`` or ``mim``)."""
+
+LATE_MODES = ("concat", "sum", "product", "gated")
+"""How late fusion combines the two pooled embeddings."""
+
+POOLS = ("mean", "first")
+"""How cross-attention fusion pools its text sequence."""
+
+GRAPH_LAYERS = ("gcn", "gat")
+"""Message-passing layers of the region–concept graph (GCN, GAT)."""
+
+REGION_SOURCES = ("given", "salient", "grid")
+"""Where the graph's image regions come from."""
+
+OBJECTIVES = ("clip", "mlm", "mmlm", "itm", "mim")
+"""Pretraining objectives (:data:`mmcli.training.objectives.OBJECTIVES`), in the order they run."""
+
+FUSION_OBJECTIVES = ("mmlm", "itm", "mim")
+"""Objectives that need a fusion encoder."""
+
+TOKEN_OBJECTIVES = ("mmlm", "mim")
+"""Objectives that need the fusion's token sequence."""
+
+FUSE_TASKS = ("vqa", "itm")
+"""Downstream tasks of ``mmcli fuse``."""
+
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment")
+"""Sections of an eval spec, in the order they run (:data:`mmcli.evaluation.EVAL_TASKS`)."""
+
+MIM_LOSSES = ("cosine", "mse")
+"""Losses of masked image modelling."""
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Training precisions."""
+
+ENCODER_MODES = ("frozen", "finetune")
+"""Whether ``mmcli fuse`` trains the dual encoder too."""
+
+SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "folder", "webdataset")
+"""Formats of a data source."""
+
+DEFAULT_IMAGE_KEY = "filepath"
+"""Image column of a CSV/TSV/JSONL source (open_clip's default)."""
+
+DEFAULT_TEXT_KEY = "title"
+"""Caption column of a CSV/TSV/JSONL source (open_clip's default)."""
+
+
+def literal(choices: tuple[str, ...]):
+    """``Literal[choices...]`` for a pydantic field."""
+    return Literal[choices]  # a tuple subscript spreads into the Literal's arguments
+
+
+def check_registry(what: str, implemented, choices: tuple[str, ...]) -> None:
+    """Fail at import when a registry and the spec's choices disagree."""
+    if tuple(implemented) != choices:
+        raise RuntimeError(f"{what}: the registry has {tuple(implemented)}, the spec offers {choices}")

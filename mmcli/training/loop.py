@@ -1,0 +1,328 @@
+"""The one training loop, used by ``pretrain`` and ``fuse``.
+
+It trains a :class:`~mmcli.training.tasks.TrainingTask` (named losses and their weights, what
+to do after a step) and knows nothing else of the model: AdamW with weight-decay groups, cosine schedule with warm-up, gradient clipping
+and accumulation, bf16 autocast, DDP, periodic validation, resumable atomic checkpoints, and a
+clean stop (with a checkpoint) on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from mmcli import io
+from mmcli.data.batches import to_device
+from mmcli.models.weights import save_weights
+from mmcli.training import checkpoint as ckpt
+from mmcli.distributed import World, all_reduce_mean, barrier
+from mmcli.spec import TrainSpec
+from mmcli.training.tasks import TrainingTask
+
+NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay weight matrices; never biases, norms, positions or the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lr(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CUDA for ``auto``; on CPU only when ``bf16`` is asked for."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in ``train_state.pt``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples}
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did."""
+
+    steps: int
+    interrupted: bool
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    last_validation: dict[str, Any] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+
+
+class StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+LoaderFactory = Callable[[int, int], Iterable[dict]]
+"""``(epoch, start_batch) -> iterable of batches`` with ``len()`` = batches left in the epoch."""
+
+
+def train(
+    task: TrainingTask,
+    *,
+    loaders: LoaderFactory,
+    batches_per_epoch: int,
+    spec: TrainSpec,
+    world: World,
+    run_dir: Path,
+    meta: dict[str, Any],
+    validate: Callable[[nn.Module], dict[str, Any]] | None = None,
+    resume: dict[str, Any] | None = None,
+    progress_label: str = "train",
+) -> TrainResult:
+    """Train ``task`` and checkpoint its model in ``run_dir``; ``validate(model)`` runs every
+    ``spec.val_every`` steps and at the end."""
+    total = total_steps(spec, batches_per_epoch)
+    params = param_groups(task, spec.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, total=total, warmup=spec.warmup_steps, min_ratio=spec.min_lr_ratio)
+    )
+    state = Progress()
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        state = Progress(**resume["progress"])
+        ckpt.set_rng_state(resume["rng"])
+    loop = _Loop(
+        runner=_DDP(task, world),
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        spec=spec,
+        world=world,
+        run_dir=Path(run_dir),
+        meta=meta,
+        validate=validate,
+    )
+    return loop.run(state, loaders, total, batches_per_epoch, progress_label)
+
+
+def total_steps(spec: TrainSpec, batches_per_epoch: int) -> int:
+    """Optimizer steps of the whole run (``steps``, or ``epochs`` converted)."""
+    if spec.steps is not None:
+        return spec.steps
+    return max(1, math.ceil(spec.epochs * batches_per_epoch / spec.accumulate))
+
+
+def _DDP(task: TrainingTask, world: World) -> nn.Module:
+    if not world.distributed:
+        return task
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(task, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
+
+
+@dataclass
+class _Loop:
+    """The loop's moving parts, so each step of it reads as one short method."""
+
+    runner: nn.Module
+    task: TrainingTask
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    spec: TrainSpec
+    world: World
+    run_dir: Path
+    meta: dict[str, Any]
+    validate: Callable[[nn.Module], dict[str, Any]] | None
+    last_val: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device = self.world.device
+        self.model = self.task.model
+        self.weights = self.task.loss_weights()
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def step(self, micro_batches: list[dict]) -> dict[str, float]:
+        self.runner.train()
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            sync = i == len(micro_batches) - 1 or not self.world.distributed
+            with (nullcontext() if sync else self.runner.no_sync()):
+                with autocast_context(self.spec.precision, self.device):
+                    losses = self.runner(batch)
+                total = sum(self.weights[k] * v for k, v in losses.items())
+                (total / len(micro_batches)).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro_batches)
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / len(micro_batches)
+        if self.spec.grad_clip is not None:
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.spec.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.task.after_step()
+        return sums
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def save(self, state: Progress) -> None:
+        if self.world.is_main:
+            save_weights(self.run_dir, self.model, {**self.meta, **state.as_dict()})
+            ckpt.save_train_state(
+                self.run_dir,
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "progress": state.as_dict(),
+                    "rng": ckpt.rng_state(),
+                },
+            )
+        barrier(self.world)
+
+    def run_validation(self, state: Progress) -> None:
+        if self.validate is None:
+            return
+        if self.world.is_main:
+            self.runner.eval()
+            with torch.no_grad(), autocast_context(self.spec.precision, self.device):
+                self.last_val = {"step": state.step, "kind": "val", **self.validate(self.model)}
+            io.append_jsonl(self.run_dir / io.METRICS, self.last_val)
+        barrier(self.world)
+
+    def log(self, state: Progress, sums: dict[str, float], rate: float) -> dict[str, Any]:
+        record = {
+            "step": state.step,
+            "kind": "train",
+            "epoch": state.epoch,
+            **{k: round(all_reduce_mean(v, self.world), 6) for k, v in sums.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": round(rate, 2),
+            "samples": state.samples,
+            **self.task.log_values(),
+        }
+        if self.world.is_main:
+            io.append_jsonl(self.run_dir / io.METRICS, record)
+        return record
+
+    def stop_agreed(self, flag: StopFlag) -> bool:
+        # Every rank must stop at the same step, or the next collective would hang.
+        return all_reduce_mean(1.0 if flag.requested else 0.0, self.world) > 0
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self, state: Progress, loaders: LoaderFactory, total: int, per_epoch: int, label: str) -> TrainResult:
+        spec = self.spec
+        bar = _progress_bar(self.world.is_main)
+        task_id = bar.add_task(label, total=total, completed=state.step, loss=float("nan"), lr=0.0, rate=0.0)
+        last: dict[str, Any] = {}
+        interrupted = False
+        rates: list[float] = []
+        with bar, StopFlag() as flag:
+            batches = _epoch_batches(loaders, state)
+            while state.step < total:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(spec.accumulate)]
+                sums = self.step(micro)
+                n = sum(int(b["images"].shape[0]) for b in micro) * self.world.world_size
+                state.step += 1
+                state.samples += n
+                rate = n / max(time.perf_counter() - t0, 1e-9)
+                rates.append(rate)
+                bar.update(task_id, advance=1, loss=sums["loss"], lr=self.optimizer.param_groups[0]["lr"], rate=rate)
+                if state.step % spec.log_every == 0 or state.step == total:
+                    last = self.log(state, sums, rate)
+                if spec.val_every and state.step % spec.val_every == 0 and state.step < total:
+                    self.run_validation(state)
+                stop = self.stop_agreed(flag)
+                if stop or (spec.save_every and state.step % spec.save_every == 0 and state.step < total):
+                    self.save(state)
+                if stop:
+                    interrupted = True
+                    break
+        if not interrupted:
+            self.run_validation(state)
+            self.save(state)
+        # Steady-state throughput: the first steps pay for warm-up (allocations, worker start).
+        steady = rates[len(rates) // 5 :] or rates
+        return TrainResult(
+            steps=state.step,
+            interrupted=interrupted,
+            last_metrics=last,
+            last_validation=self.last_val,
+            samples_per_s=len(steady) / sum(1 / r for r in steady) if steady else 0.0,
+        )
+
+
+def _epoch_batches(loaders: LoaderFactory, state: Progress):
+    """Endless micro-batches across epochs, keeping ``state``'s data position current."""
+    while True:
+        loader = loaders(state.epoch, state.batch_in_epoch)
+        for batch in loader:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def _progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+    return Bar(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("lr {task.fields[lr]:.2e}"),
+        TextColumn("{task.fields[rate]:.0f} samples/s"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )

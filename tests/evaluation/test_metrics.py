@@ -1,0 +1,176 @@
+"""Tests for mmcli.evaluation.metrics: every expected value is worked out by hand or by brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcli.evaluation import metrics as m
+
+# --------------------------------------------------------------------------------------------
+# retrieval
+# --------------------------------------------------------------------------------------------
+
+
+def test_retrieval_recall_on_a_hand_computed_example():
+    images = np.array([[1.0, 0.0], [0.0, 1.0]])
+    texts = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])
+    owner = [0, 0, 1]  # texts 0 and 1 describe image 0, text 2 describes image 1
+    # text→image: t0 ranks i0 first; t1 scores i1 (0.8) over i0 (0.6); t2 scores i0 (0.8) over i1 (0.6).
+    # image→text: i0's best caption t0 (1.0) is first; i1's caption t2 (0.6) is behind t1 (0.8).
+    for chunk in (1, 2, 4096):
+        assert m.retrieval_recall(images, texts, owner, ks=(1, 2), chunk=chunk) == {
+            "image_to_text_R@1": 0.5, "image_to_text_R@2": 1.0,
+            "text_to_image_R@1": 1 / 3, "text_to_image_R@2": 1.0}
+
+
+def test_retrieval_recall_matches_a_full_matrix_reference():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((30, 8)).astype(np.float32)
+    owner = np.concatenate([np.arange(30), np.arange(25)])  # five images have one caption, the rest two
+    texts = images[owner] + rng.standard_normal((55, 8)).astype(np.float32)
+    scores = texts @ images.T
+    text_rank = np.argsort(-scores, axis=1).argsort(axis=1)[np.arange(55), owner]
+    image_rank = np.argsort(-scores.T, axis=1).argsort(axis=1)  # rank of each text for each image
+    best = np.array([image_rank[i, owner == i].min() for i in range(30)])
+    got = m.retrieval_recall(images, texts, owner, ks=(1, 5), chunk=7)
+    for k in (1, 5):
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(np.mean(text_rank < k))
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(np.mean(best < k))
+
+
+def test_images_without_captions_are_left_out():
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    got = m.retrieval_recall(images, np.array([[1.0, 0.0]]), [0], ks=(1,))
+    assert got == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}  # only image 0 is scored
+
+
+def test_ties_count_against_the_model():
+    same = np.ones((3, 2)) / np.sqrt(2)  # every score equal: no real ranking at all
+    got = m.retrieval_recall(same, same, [0, 1, 2], ks=(1, 3))
+    assert got == {"image_to_text_R@1": 0.0, "image_to_text_R@3": 1.0,
+                   "text_to_image_R@1": 0.0, "text_to_image_R@3": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# classification
+# --------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_accuracy_on_a_hand_computed_example():
+    logits = np.array([[3, 1, 0], [2, 1, 0], [0, 1, 3], [0, 3, 1]], dtype=float)
+    labels = [0, 0, 1, 2]  # rows 0 and 1 are right, rows 2 and 3 wrong
+    got = m.zero_shot_accuracy(logits, labels, n_classes=3)
+    # per class: class 0 2/2, class 1 0/1, class 2 0/1 → mean 1/3; fewer than 5 classes: no top-5
+    assert got == {"top1": 0.5, "top5": None, "mean_per_class_recall": pytest.approx(1 / 3), "n": 4}
+
+
+def test_zero_shot_top5_and_the_embedding_pair_form():
+    classes = np.eye(6)
+    images = np.array([[5, 4, 3, 2, 1, 0], [5, 4, 3, 2, 1, 0]], dtype=float)  # scores = the row
+    got = m.zero_shot_accuracy((images, classes), [4, 5], n_classes=6)
+    assert got["top1"] == 0.0 and got["top5"] == 0.5  # class 4 is 5th, class 5 is 6th
+    assert got == m.zero_shot_accuracy(torch.tensor(images @ classes.T), torch.tensor([4, 5]), n_classes=6)
+
+
+def test_constant_logits_score_zero():
+    assert m.zero_shot_accuracy(np.zeros((4, 3)), [0, 1, 2, 0], n_classes=3)["top1"] == 0.0
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    got = m.confusion_matrix([0, 1, 1, 2, 2], [0, 1, 2, 2, 2], n_classes=3)
+    np.testing.assert_array_equal(got, [[1, 0, 0], [0, 1, 0], [0, 1, 2]])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        m.confusion_matrix([3], [0], n_classes=3)
+
+
+def test_plot_confusion_writes_a_png_that_grows_with_the_classes(tmp_path):
+    small = m.plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "small.png")
+    names = [f"class {i}" for i in range(40)]
+    large = m.plot_confusion(np.eye(40, dtype=int), names, tmp_path / "large.png")
+    with Image.open(small) as a, Image.open(large) as b:
+        assert a.format == b.format == "PNG" and b.width > 2 * a.width
+    with pytest.raises(ValueError, match="2×2"):
+        m.plot_confusion(np.eye(3), ["a", "b"], tmp_path / "bad.png")
+
+
+# --------------------------------------------------------------------------------------------
+# linear probe
+# --------------------------------------------------------------------------------------------
+
+
+def test_sample_shots_takes_k_per_class_nested_and_seeded():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    two = m.sample_shots(labels, 2, seed=3)
+    assert np.bincount(labels[two]).tolist() == [2, 2, 2]
+    assert set(m.sample_shots(labels, 1, seed=3)) < set(two)  # 1-shot ⊂ 2-shot
+    assert np.bincount(labels[m.sample_shots(labels, 3, seed=3)]).tolist() == [3, 2, 3]  # class 1 has 2
+    np.testing.assert_array_equal(m.sample_shots(labels, 2, seed=3), two)
+    np.testing.assert_array_equal(m.sample_shots(labels, None, seed=3), np.arange(9))
+
+
+def test_linear_probe_is_perfect_on_separable_clusters():
+    rng = np.random.default_rng(0)
+    centres = 10 * np.eye(3)  # classes 10σ apart along their own axis
+    train_y, test_y = rng.integers(3, size=60), rng.integers(3, size=30)
+    train_x = centres[train_y] + rng.standard_normal((60, 3))
+    test_x = centres[test_y] + rng.standard_normal((30, 3))
+    got = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=3, shots=[1, 4, None], seed=0)
+    assert got == {1: 1.0, 4: 1.0, None: 1.0}
+
+
+def test_linear_probe_on_a_known_answer():
+    # Trained on x = -1 (class 0) and x = +1 (class 1), any boundary lies in (-1, 1): the test
+    # points -2 → 0 and +2 → 1 are right; -3 labelled 1 and +3 labelled 0 are wrong → 0.5.
+    train_x, train_y = np.array([[-1.0], [-1.0], [1.0], [1.0]]), np.array([0, 0, 1, 1])
+    test_x, test_y = np.array([[-2.0], [2.0], [-3.0], [3.0]]), np.array([0, 1, 1, 0])
+    assert m.linear_probe(train_x, train_y, test_x, test_y, n_classes=2, shots=[None]) == {None: 0.5}
+
+
+# --------------------------------------------------------------------------------------------
+# VQA, matching, masked language modelling
+# --------------------------------------------------------------------------------------------
+
+
+def test_normalize_answer():
+    assert m.normalize_answer("The Cat!") == "cat"
+    assert m.normalize_answer("  Three dogs. ") == "3 dogs"
+
+
+def test_vqa_accuracy_overall_and_per_type():
+    got = m.vqa_accuracy(["Two", "yes", "a dog", "red"], ["2", "no", "dog", "blue."],
+                         ["count", "yes/no", "what", "color"])
+    assert got["overall"] == 0.5
+    assert got["per_type"] == {"color": 0.0, "count": 1.0, "what": 1.0, "yes/no": 0.0}
+    assert got["n"] == 4 and got["n_per_type"]["count"] == 1
+
+
+def test_majority_baseline_answers_the_most_frequent_training_answer():
+    got = m.majority_baseline(["yes", "Yes.", "no", "2"], ["yes", "no", "YES"], ["a", "a", "b"])
+    assert got["answer"] == "yes" and got["overall"] == pytest.approx(2 / 3)
+    assert got["per_type"] == {"a": 0.5, "b": 1.0}
+    assert m.majority_baseline(["no", "yes"], ["no"], ["a"])["answer"] == "no"  # tie: alphabetical
+
+
+def test_itm_accuracy_for_logit_pairs_and_single_scores():
+    # predictions: match, no match, undecided, undecided, match → right, right, wrong, wrong, wrong
+    assert m.itm_accuracy(np.array([[0, 1], [2, 1], [1, 1], [1, 1], [0, 3]]), [1, 0, 1, 0, 0]) == 0.4
+    assert m.itm_accuracy(np.array([0.5, -1.0, 2.0]), [1, 1, 1]) == pytest.approx(2 / 3)
+    assert m.itm_accuracy(np.array([0.5, 0.7, 0.6]), [0, 1, 0], threshold=0.6) == pytest.approx(2 / 3)
+
+
+def test_mlm_accuracy_ignores_unmasked_positions_and_splits_by_group():
+    logits = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 0]]])  # predictions 2, 0, 1, 1
+    labels = torch.tensor([[2, -100, 0, 1]])  # position 1 is not scored; 0 and 3 are right
+    groups = [["noun", "verb", "noun", "verb"]]
+    got = m.mlm_accuracy(logits, labels, groups=groups)
+    assert got == {"accuracy": pytest.approx(2 / 3), "n": 3, "per_group": {"noun": 0.5, "verb": 1.0}}
+    assert m.mlm_accuracy(logits.numpy(), labels.numpy())["accuracy"] == pytest.approx(2 / 3)
+    assert m.mlm_accuracy(logits, torch.full((1, 4), -100)) == {"accuracy": None, "n": 0}
+
+
+def test_to_numpy_converts_bfloat16_tensors():
+    got = m.to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    assert got.dtype == np.float32 and got.tolist() == [1.5, -2.0]
