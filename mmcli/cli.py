@@ -15,6 +15,7 @@ import typer
 
 from mmcli import __version__
 from mmcli.errors import MmcliError, reported_errors
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
 app = typer.Typer(
     name="mmcli",
@@ -126,8 +127,8 @@ def embed(
                                                                 "instead of resuming.")] = False,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, "
                                                                "resampling closer to the full-size pipeline).")] = False,
-    image_key: Annotated[str, typer.Option("--image-key", help="Image column/key of a dataset file.")] = "filepath",
-    text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = "title",
+    image_key: Annotated[str, typer.Option("--image-key", help="Image column/key of a dataset file.")] = DEFAULT_IMAGE_KEY,
+    text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = DEFAULT_TEXT_KEY,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed images or texts into an index: OUT (.npy, L2-normalised rows) and OUT.json (its sidecar).
@@ -171,10 +172,11 @@ def retrieve(
     """Search an index with a text or an image, using the model recorded in its sidecar."""
     with reported_errors():
         from mmcli.commands.retrieve import run
-        from mmcli.commands.render import render_retrieve
+        from mmcli.commands.render import render_retrieve, report_faiss_build
 
         result = run(query, index_path=index, k=k, queries_file=queries, image=image, use_faiss=use_faiss,
                      grid=grid, model=model, device=State.device)
+        report_faiss_build(result)
         emit(result, as_json, render_retrieve)
 
 

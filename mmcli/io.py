@@ -1,4 +1,5 @@
-"""Files that must never be seen half-written, and the names of a run folder's files (no torch).
+"""Files that must never be seen half-written, the names of a run folder's files, and the file
+formats every stage shares (no torch, no numpy: the CLI imports it).
 
 A run folder holds::
 
@@ -33,6 +34,27 @@ MMCLI_META = "mmcli.json"
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 SPEC = "spec.yaml"
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""Suffixes of the image files mmcli reads (compared in lower case)."""
+
+TEXT_SUFFIXES = (".txt",)
+"""Suffixes of a text file of one query or caption per line."""
+
+WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+"""The image members of a webdataset sample, tried in this order (img2dataset's layout)."""
+
+WEBDATASET_TEXT_KEY = "txt"
+"""The caption member of a webdataset sample."""
+
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tar": "webdataset"}
+"""The source format a data file's suffix implies (``format: auto``)."""
+
+DEFAULT_IMAGE_KEY = "filepath"
+"""Image column of a CSV/TSV/JSONL source (open_clip's default)."""
+
+DEFAULT_TEXT_KEY = "title"
+"""Caption column of a CSV/TSV/JSONL source (open_clip's default)."""
 
 
 def _umask() -> int:

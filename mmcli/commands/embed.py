@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 
 from mmcli.retrieval import index as ix
 from mmcli.errors import MmcliError
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
 
 def run(
@@ -22,8 +23,8 @@ def run(
     workers: int = 2,
     overwrite: bool = False,
     draft: bool = True,
-    image_key: str = "filepath",
-    text_key: str = "title",
+    image_key: str = DEFAULT_IMAGE_KEY,
+    text_key: str = DEFAULT_TEXT_KEY,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -124,7 +124,8 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     ``explain``, also write alignment pictures there."""
     from mmcli.data.tokenize import Tokenize
     from mmcli.data.examples import ExampleDataset, example_loader
-    from mmcli.evaluation.fusion import accuracy_report, evaluate_mlm, predict
+    from mmcli.evaluation.fusion import evaluate_mlm, predict
+    from mmcli.evaluation.metrics import answer_accuracy
     from mmcli.models.downstream import task_labels, uses_graph
     from mmcli.models.loading import load_model
 
@@ -142,7 +143,7 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     rows, features = predict(loaded.model, loader, examples, labels, spec.task, device)
     _write_jsonl(Path(run_dir) / PREDICTIONS, rows)
     write_features(Path(run_dir) / FEATURES, features, [r["id"] for r in rows], loaded, spec.task)
-    out = {"report": accuracy_report(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
+    out = {"report": answer_accuracy(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
            "features": str(Path(run_dir) / FEATURES)}
     if explain is not None:
         from mmcli.viz.explain import write_explanations

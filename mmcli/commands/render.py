@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -139,6 +140,15 @@ def render_retrieve(result: dict[str, Any]) -> None:
     if search.get("recall_at_10") is not None:
         note += f" (recall@10 against exact search at build: {search['recall_at_10']:.3f})"
     console.print(note, style="dim")
+
+
+def report_faiss_build(result: dict[str, Any]) -> None:
+    """On stderr (also under ``--json``): a FAISS index built for this search, and its recall check."""
+    search = result["search"]
+    if search.get("built"):
+        print(f"built a {search['method']} index {search['path']} in {search['build_seconds']:.1f} s "
+              f"({search['params']}); "
+              f"recall@10 against exact search: {search['recall_at_10']:.3f}", file=sys.stderr)
 
 
 def render_eval(result: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from mmcli.io import WEBDATASET_IMAGE_KEYS, WEBDATASET_TEXT_KEY
 from mmcli.data.images import BadImage, load_image
 from mmcli.data.sources import Record, count_shard_samples, read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
@@ -28,8 +29,6 @@ ImageFn = Callable[[Any], torch.Tensor]
 TextFn = Callable[[str], torch.Tensor]
 Sample = dict[str, Any]
 
-WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-WEBDATASET_TEXT_KEY = "txt"
 
 
 def mix_seed(*values: int) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from mmcli.io import IMAGE_SUFFIXES
+
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -34,8 +35,8 @@ class BadImage(Exception):
 
 
 def is_image_file(path: str | Path) -> bool:
-    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """Whether ``path`` has one of :data:`~mmcli.io.IMAGE_SUFFIXES` (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def load_image(

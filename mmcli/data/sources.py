@@ -19,13 +19,13 @@ from typing import Any
 
 from braceexpand import braceexpand
 
+from mmcli.io import SUFFIX_FORMATS
 from mmcli.data.images import is_image_file
 from mmcli.errors import MmcliError
 from mmcli.spec import SourceSpec
 
 log = logging.getLogger(__name__)
 
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tar": "webdataset"}
 # The shapes dataset's JSONL names its fields after what they are, not open_clip's CSV columns.
 _FALLBACK_KEYS = {"image_key": "image", "text_key": "caption"}
 
@@ -71,7 +71,7 @@ def source_format(spec: SourceSpec) -> str:
         return "webdataset" if any(path.glob("*.tar")) else "folder"
     if not path.exists():
         raise MmcliError(f"{spec.path}: no such file or folder")
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    fmt = SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise MmcliError(
             f"{spec.path}: cannot tell the format from the suffix {path.suffix!r}; "

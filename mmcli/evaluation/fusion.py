@@ -19,6 +19,7 @@ from mmcli.data.masking import IGNORE_INDEX, mask_tokens
 from mmcli.data.shapes import COLORS, SHAPES
 from mmcli.data.examples import Example, ExampleDataset, example_loader, matching_examples, question_examples, read_shapes_jsonl
 from mmcli.errors import MmcliError
+from mmcli.evaluation.metrics import answer_accuracy
 
 DEFAULT_WORD_GROUPS = {"color": list(COLORS), "shape": list(SHAPES)}
 """The words :func:`evaluate_mlm` masks by default: the shapes dataset's colours and shapes."""
@@ -55,35 +56,6 @@ def predict(model, loader: Iterable[dict], examples: list[Example], labels: list
     return rows, np.concatenate(features) if features else np.zeros((0, dim), np.float32)
 
 
-def accuracy_report(rows: list[dict[str, Any]], prior: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
-    """Accuracy overall and per type; with a training ``prior`` (see
-    :func:`mmcli.data.examples.answer_prior`) also the majority-answer baselines: the most frequent
-    training answer overall, and the most frequent per question type."""
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        by_type[r["type"]].append(r["predicted"] == r["answer"])
-    hits = [h for v in by_type.values() for h in v]
-    report: dict[str, Any] = {
-        "accuracy": _mean(hits), "n": len(hits),
-        "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())},
-    }
-    if prior:
-        overall = _most_common(prior["*"])
-        per_type = {t: _most_common(prior.get(t) or prior["*"]) for t in by_type}
-        report["majority_answer"] = overall
-        report["majority_baseline"] = _mean([r["answer"] == overall for r in rows])
-        report["type_majority_baseline"] = _mean([r["answer"] == per_type[r["type"]] for r in rows])
-    return report
-
-
-def _mean(values: list[bool]) -> float:
-    return round(sum(values) / len(values), 4) if values else 0.0
-
-
-def _most_common(counts: dict[str, int]) -> str:
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # ties: alphabetical
-
-
 def _load(run_dir: str | Path, device, needs: tuple[str, ...]):
     from mmcli.models.loading import load_model
 
@@ -103,7 +75,7 @@ def evaluate_vqa(run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", b
     examples = question_examples(read_shapes_jsonl(jsonl_path))
     labels = task_labels(loaded.model, "vqa")
     rows, _ = predict(loaded.model, _loader(loaded, examples, labels, batch_size), examples, labels, "vqa", device)
-    return {"task": "vqa", "data": str(jsonl_path), **accuracy_report(rows, loaded.meta.get("answer_prior"))}
+    return {"task": "vqa", "data": str(jsonl_path), **answer_accuracy(rows, loaded.meta.get("answer_prior"))}
 
 
 def evaluate_itm(run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -114,7 +86,7 @@ def evaluate_itm(run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", b
     loaded = _load(run_dir, device, ("fusion", "itm_head"))
     examples = matching_examples(read_shapes_jsonl(jsonl_path), seed)
     rows, _ = predict(loaded.model, _loader(loaded, examples, ITM_LABELS, batch_size), examples, ITM_LABELS, "itm", device)
-    return {"task": "itm", "data": str(jsonl_path), **accuracy_report(rows)}
+    return {"task": "itm", "data": str(jsonl_path), **answer_accuracy(rows)}
 
 
 def fuse_validator(loader, examples: list[Example], labels: list[str], task: str, device) -> Callable:
@@ -123,7 +95,7 @@ def fuse_validator(loader, examples: list[Example], labels: list[str], task: str
     def validate(model) -> dict[str, Any]:
         rows, _ = predict(model, loader, examples, labels, task, device)
         model.train()
-        return {"val_accuracy": accuracy_report(rows)["accuracy"], "val_examples": len(rows)}
+        return {"val_accuracy": answer_accuracy(rows)["accuracy"], "val_examples": len(rows)}
 
     return validate
 

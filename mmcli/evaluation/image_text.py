@@ -5,7 +5,6 @@ CLIP_benchmark-style metrics (names as in CLIP_benchmark, so results can sit sid
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -163,24 +162,3 @@ def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec) -> dict[str, Any
     accs = metrics.linear_probe(x, y, tx, ty, n_classes=len(names), shots=spec.shots, seed=spec.seed)
     out = {("lp_acc1" if k is None else f"lp_acc1_{k}shot"): acc for k, acc in accs.items()}
     return {**out, "n_train": int(len(y)), "n_test": int(len(ty)), "n_classes": len(names)}
-
-
-def fusion_task(task: str, run_dir: str, path: str, *, device, batch_size: int, image_conditioned: bool = False,
-                regions: Optional[str] = None):
-    """VQA / ITM / MLM accuracy through ``mmcli.evaluation.fusion``, region–concept alignment
-    accuracy through ``mmcli.evaluation.alignment`` (needs a run folder)."""
-    try:
-        from mmcli.evaluation import fusion as evaluate_fusion
-    except ImportError:
-        raise MmcliError(f"{task}: this version of mmcli has no fused-model evaluation") from None
-    if not os.path.isfile(os.path.join(run_dir, "mmcli.json")):
-        raise MmcliError(f"{task}: model {run_dir} must be a run folder with the task's head")
-    if task == "alignment":
-        from mmcli.evaluation.alignment import evaluate_alignment
-
-        return evaluate_alignment(run_dir, path, regions=regions, device=device, batch_size=batch_size)
-    if task == "mlm":
-        return evaluate_fusion.evaluate_mlm(run_dir, path, image_conditioned=image_conditioned, device=device,
-                                            batch_size=batch_size)
-    entry = {"vqa": evaluate_fusion.evaluate_vqa, "itm": evaluate_fusion.evaluate_itm}[task]
-    return entry(run_dir, path, device=device, batch_size=batch_size)

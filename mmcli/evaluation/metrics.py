@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -280,7 +280,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, w
 
 
 # --------------------------------------------------------------------------------------------
-# VQA, matching, masked language modelling
+# answers (VQA, image–text matching)
 # --------------------------------------------------------------------------------------------
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -294,76 +294,39 @@ def normalize_answer(answer: str) -> str:
     return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def vqa_accuracy(pred: Sequence[str], gold: Sequence[str], types: Sequence[str]) -> dict[str, Any]:
-    """Exact-match accuracy of normalised answers, overall and per question type.
+def answer_accuracy(rows: list[dict[str, Any]], prior: Optional[dict[str, dict[str, int]]] = None) -> dict[str, Any]:
+    """Accuracy of predicted answers (VQA, or ITM's yes/no), overall and per question type.
 
-    ``pred``, ``gold`` and ``types`` are aligned lists (one entry per question). Returns
-    ``{"overall": .., "per_type": {type: ..}, "n": .., "n_per_type": {type: count}}``.
+    ``rows`` hold ``answer``, ``predicted`` and ``type``; answers are compared after
+    :func:`normalize_answer`. With a training ``prior`` (answer counts, overall under ``"*"`` and
+    per type; see :func:`mmcli.data.examples.answer_prior`) also the majority-answer baselines: the
+    most frequent training answer overall, and the most frequent one per question type.
     """
-    if not len(pred) == len(gold) == len(types):
-        raise ValueError(f"{len(pred)} predictions, {len(gold)} answers and {len(types)} types")
-    hits = np.array([normalize_answer(p) == normalize_answer(g) for p, g in zip(pred, gold)], dtype=bool)
-    kinds = np.asarray(types, dtype=object)
-    names = sorted(set(types))
-    return {"overall": float(hits.mean()) if hits.size else 0.0,
-            "per_type": {t: float(hits[kinds == t].mean()) for t in names},
-            "n": int(hits.size),
-            "n_per_type": {t: int(np.sum(kinds == t)) for t in names}}
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_type[r["type"]].append(_same_answer(r["predicted"], r["answer"]))
+    hits = [h for v in by_type.values() for h in v]
+    report: dict[str, Any] = {
+        "accuracy": _mean(hits),
+        "n": len(hits),
+        "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())},
+    }
+    if prior:
+        overall = _most_common(prior["*"])
+        per_type = {t: _most_common(prior.get(t) or prior["*"]) for t in by_type}
+        report["majority_answer"] = overall
+        report["majority_baseline"] = _mean([_same_answer(overall, r["answer"]) for r in rows])
+        report["type_majority_baseline"] = _mean([_same_answer(per_type[r["type"]], r["answer"]) for r in rows])
+    return report
 
 
-def majority_baseline(train_answers: Sequence[str], gold: Sequence[str], types: Sequence[str]) -> dict[str, Any]:
-    """:func:`vqa_accuracy` of always answering the most frequent (normalised) training answer.
-
-    Ties go to the alphabetically first answer; the answer is returned under ``"answer"``.
-    """
-    counts = Counter(normalize_answer(a) for a in train_answers)
-    if not counts:
-        raise ValueError("majority_baseline needs at least one training answer")
-    answer = min(counts, key=lambda a: (-counts[a], a))
-    return {"answer": answer, **vqa_accuracy([answer] * len(gold), gold, types)}
+def _same_answer(predicted: str, answer: str) -> bool:
+    return normalize_answer(predicted) == normalize_answer(answer)
 
 
-def itm_accuracy(scores: ArrayLike, labels: ArrayLike, *, threshold: float = 0.0) -> float:
-    """Image–text matching accuracy; ``labels`` N ints, 1 = the pair matches.
-
-    ``scores`` are N×2 logits (column 1 = match) or N match scores/logits, a match when above
-    ``threshold``. An undecided pair (equal logits, a score equal to the threshold) is wrong.
-    """
-    scores, labels = to_numpy(scores), _labels(labels, 2)
-    if scores.ndim == 2 and scores.shape[1] == 2:
-        margin = scores[:, 1] - scores[:, 0]
-    elif scores.ndim == 1:
-        margin = scores - threshold
-    else:
-        raise ValueError(f"scores must be N×2 logits or N scores, got shape {scores.shape}")
-    if len(margin) != len(labels):
-        raise ValueError(f"{len(margin)} scores for {len(labels)} labels")
-    correct = (margin != 0) & ((margin > 0) == labels.astype(bool))
-    return float(np.mean(correct)) if len(labels) else 0.0
+def _mean(values: list[bool]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def mlm_accuracy(
-    logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100, groups: Optional[ArrayLike] = None
-) -> dict[str, Any]:
-    """Accuracy of masked-token predictions over the positions whose label is not ``ignore_index``.
-
-    ``logits`` …×V (e.g. B×L×V), ``labels`` … (B×L); ``groups`` optional names of the same
-    shape as ``labels`` (e.g. "noun", "verb") for a per-group accuracy. Returns
-    ``{"accuracy": .. or None when no position is scored, "n": .., "per_group": {..}}``.
-    """
-    pred = to_numpy(logits.argmax(-1)) if hasattr(logits, "detach") else np.argmax(logits, axis=-1)
-    labels = np.asarray(to_numpy(labels))
-    if pred.shape != labels.shape:
-        raise ValueError(f"logits {pred.shape}×V do not match labels {labels.shape}")
-    scored = labels != ignore_index
-    correct = (pred == labels) & scored
-    out: dict[str, Any] = {"accuracy": _ratio(correct.sum(), scored.sum()), "n": int(scored.sum())}
-    if groups is not None:
-        names = np.asarray(groups, dtype=object).reshape(labels.shape)
-        out["per_group"] = {g: _ratio(correct[names == g].sum(), (scored & (names == g)).sum())
-                            for g in sorted(set(names[scored].tolist()))}
-    return out
-
-
-def _ratio(num: int, den: int) -> Optional[float]:
-    return float(num / den) if den else None
+def _most_common(counts: dict[str, int]) -> str:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # ties: alphabetical

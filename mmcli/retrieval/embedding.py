@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from mmcli.io import IMAGE_SUFFIXES, TEXT_SUFFIXES, WEBDATASET_IMAGE_KEYS
 from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage, is_image_file, load_image
 from mmcli.data.sources import read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
 from mmcli.spec import SourceSpec
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
-TEXT_SUFFIXES = (".txt",)
-WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def input_format(path: str) -> str:
     return source_format(SourceSpec(path=path))
 
 
-def resolve_inputs(path: str, modality: str = "auto", *, image_key: str = "filepath",
-                   text_key: str = "title") -> Inputs:
+def resolve_inputs(path: str, modality: str = "auto", *, image_key: str = DEFAULT_IMAGE_KEY,
+                   text_key: str = DEFAULT_TEXT_KEY) -> Inputs:
     """The items (or shards) of ``path`` for ``modality`` (``auto``, ``image`` or ``text``).
 
     ``auto`` embeds images, except for a text file. Keys are unique: relative paths for images
@@ -94,7 +94,7 @@ def folder_items(root: Path) -> list[Item]:
         raise MmcliError(f"{root}: no such folder")
     paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
     if not paths:
-        raise MmcliError(f"{root}: no image files found (looked for .jpg, .png, .webp, .bmp, .gif, .tiff)")
+        raise MmcliError(f"{root}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return [Item(p.relative_to(root).as_posix(), str(p)) for p in paths]
 
 

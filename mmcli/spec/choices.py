@@ -54,12 +54,6 @@ ENCODER_MODES = ("frozen", "finetune")
 SOURCE_FORMATS = ("auto", "csv", "tsv", "jsonl", "folder", "webdataset")
 """Formats of a data source."""
 
-DEFAULT_IMAGE_KEY = "filepath"
-"""Image column of a CSV/TSV/JSONL source (open_clip's default)."""
-
-DEFAULT_TEXT_KEY = "title"
-"""Caption column of a CSV/TSV/JSONL source (open_clip's default)."""
-
 
 def literal(choices: tuple[str, ...]):
     """``Literal[choices...]`` for a pydantic field."""

@@ -7,7 +7,8 @@ from typing import Any, Optional
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
-from mmcli.spec.choices import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, PRECISIONS, SOURCE_FORMATS, literal
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
+from mmcli.spec.choices import PRECISIONS, SOURCE_FORMATS, literal
 
 
 # --------------------------------------------------------------------------------------------

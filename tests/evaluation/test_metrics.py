@@ -130,7 +130,7 @@ def test_linear_probe_on_a_known_answer():
 
 
 # --------------------------------------------------------------------------------------------
-# VQA, matching, masked language modelling
+# answers (VQA, image–text matching)
 # --------------------------------------------------------------------------------------------
 
 
@@ -139,36 +139,27 @@ def test_normalize_answer():
     assert m.normalize_answer("  Three dogs. ") == "3 dogs"
 
 
-def test_vqa_accuracy_overall_and_per_type():
-    got = m.vqa_accuracy(["Two", "yes", "a dog", "red"], ["2", "no", "dog", "blue."],
-                         ["count", "yes/no", "what", "color"])
-    assert got["overall"] == 0.5
-    assert got["per_type"] == {"color": 0.0, "count": 1.0, "what": 1.0, "yes/no": 0.0}
-    assert got["n"] == 4 and got["n_per_type"]["count"] == 1
+def _rows(pairs, types):
+    return [{"predicted": p, "answer": a, "type": t} for (p, a), t in zip(pairs, types)]
 
 
-def test_majority_baseline_answers_the_most_frequent_training_answer():
-    got = m.majority_baseline(["yes", "Yes.", "no", "2"], ["yes", "no", "YES"], ["a", "a", "b"])
-    assert got["answer"] == "yes" and got["overall"] == pytest.approx(2 / 3)
-    assert got["per_type"] == {"a": 0.5, "b": 1.0}
-    assert m.majority_baseline(["no", "yes"], ["no"], ["a"])["answer"] == "no"  # tie: alphabetical
+def test_answer_accuracy_normalises_answers_overall_and_per_type():
+    rows = _rows([("Two", "2"), ("yes", "no"), ("a dog", "dog"), ("red", "blue.")], ["count", "exist", "what", "color"])
+    got = m.answer_accuracy(rows)
+    assert got["accuracy"] == 0.5 and got["n"] == 4
+    assert got["per_type"] == {"color": {"accuracy": 0.0, "n": 1}, "count": {"accuracy": 1.0, "n": 1},
+                               "exist": {"accuracy": 0.0, "n": 1}, "what": {"accuracy": 1.0, "n": 1}}
+    assert "majority_baseline" not in got
 
 
-def test_itm_accuracy_for_logit_pairs_and_single_scores():
-    # predictions: match, no match, undecided, undecided, match → right, right, wrong, wrong, wrong
-    assert m.itm_accuracy(np.array([[0, 1], [2, 1], [1, 1], [1, 1], [0, 3]]), [1, 0, 1, 0, 0]) == 0.4
-    assert m.itm_accuracy(np.array([0.5, -1.0, 2.0]), [1, 1, 1]) == pytest.approx(2 / 3)
-    assert m.itm_accuracy(np.array([0.5, 0.7, 0.6]), [0, 1, 0], threshold=0.6) == pytest.approx(2 / 3)
-
-
-def test_mlm_accuracy_ignores_unmasked_positions_and_splits_by_group():
-    logits = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 0]]])  # predictions 2, 0, 1, 1
-    labels = torch.tensor([[2, -100, 0, 1]])  # position 1 is not scored; 0 and 3 are right
-    groups = [["noun", "verb", "noun", "verb"]]
-    got = m.mlm_accuracy(logits, labels, groups=groups)
-    assert got == {"accuracy": pytest.approx(2 / 3), "n": 3, "per_group": {"noun": 0.5, "verb": 1.0}}
-    assert m.mlm_accuracy(logits.numpy(), labels.numpy())["accuracy"] == pytest.approx(2 / 3)
-    assert m.mlm_accuracy(logits, torch.full((1, 4), -100)) == {"accuracy": None, "n": 0}
+def test_answer_accuracy_majority_baselines_from_the_training_prior():
+    rows = _rows([("yes", "Yes."), ("no", "no"), ("2", "two")], ["exist", "exist", "count"])
+    prior = {"*": {"yes": 3, "no": 3, "2": 1}, "count": {"2": 1}}  # tie overall: alphabetical, "no"
+    got = m.answer_accuracy(rows, prior)
+    assert got["accuracy"] == 1.0
+    assert got["majority_answer"] == "no" and got["majority_baseline"] == round(1 / 3, 4)
+    # per type: "exist" has no prior of its own, so the overall "no"; "count" answers "2" = "two"
+    assert got["type_majority_baseline"] == round(2 / 3, 4)
 
 
 def test_to_numpy_converts_bfloat16_tensors():
