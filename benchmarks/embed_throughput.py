@@ -56,8 +56,10 @@ def make_images(folder: Path, count: int) -> list[Path]:
         draw = ImageDraw.Draw(image)
         for _ in range(6):
             x0, y0 = rng.integers(0, 560), rng.integers(0, 400)
-            draw.ellipse((x0, y0, x0 + rng.integers(20, 80), y0 + rng.integers(20, 80)),
-                         fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw.ellipse(
+                (x0, y0, x0 + rng.integers(20, 80), y0 + rng.integers(20, 80)),
+                fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+            )
         image.save(path, format="JPEG", quality=90)
     return paths
 
@@ -100,8 +102,16 @@ def mmcli_embed(run_dir: Path, folder: Path, out: Path, args: argparse.Namespace
     """Images/s of ``mmcli embed`` (its own figure: from the first batch request to the index written)."""
     from mmcli.commands.embed import run
 
-    result = run(str(folder), str(out), model=str(run_dir), batch_size=args.batch_size, workers=args.workers,
-                 overwrite=True, device=args.device, progress=False)
+    result = run(
+        str(folder),
+        str(out),
+        model=str(run_dir),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overwrite=True,
+        device=args.device,
+        progress=False,
+    )
     assert result["count"] == args.images and not result["skipped"]
     return result["count"] / result["seconds"]
 
@@ -121,11 +131,14 @@ def main(argv: list[str] | None = None) -> None:
         plain = plain_loop(run_dir, paths, args.batch_size, args.device)
         ours = mmcli_embed(run_dir, work / "images", work / "emb.npy", args)
     ratio = ours / plain
-    print(f"\n{args.images} JPEGs 640×480, {args.arch} (random weights, run folder), batch {args.batch_size}, "
-          f"{args.device}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"\n{args.images} JPEGs 640×480, {args.arch} (random weights, run folder), batch {args.batch_size}, "
+        f"{args.device}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     print(f"plain open_clip loop   {plain:8.1f} images/s")
     print(f"mmcli embed            {ours:8.1f} images/s   (--workers {args.workers}, draft decode)")
-    print(f"ratio                  {ratio:8.2f}×   {'PASS' if ratio >= TARGET_RATIO else 'FAIL'} (target ≥ {TARGET_RATIO}×)")
+    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+    print(f"ratio                  {ratio:8.2f}×   {verdict} (target ≥ {TARGET_RATIO}×)")
 
 
 if __name__ == "__main__":

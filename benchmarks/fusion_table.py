@@ -25,9 +25,14 @@ def pretrain(args) -> str:
     """Train the base run; return its folder."""
     from mmcli.commands.pretrain import run
 
-    sets = [f"data.train.path={args.data}/train.tsv", f"data.val.path={args.data}/val.tsv",
-            f"output.dir={args.runs}", f"train.epochs={args.pretrain_epochs}", f"data.workers={args.workers}",
-            f"data.batch_size={args.batch_size}"]
+    sets = [
+        f"data.train.path={args.data}/train.tsv",
+        f"data.val.path={args.data}/val.tsv",
+        f"output.dir={args.runs}",
+        f"train.epochs={args.pretrain_epochs}",
+        f"data.workers={args.workers}",
+        f"data.batch_size={args.batch_size}",
+    ]
     return run(EXAMPLES / "pretrain-mm.yaml", sets, device=args.device)["run_dir"]
 
 
@@ -36,9 +41,16 @@ def fuse_vqa(args, base: str, strategy: str | None) -> dict:
     from mmcli.commands.fuse import run
 
     name = strategy or "pretrained_fusion"
-    sets = [f"base={base}", f"data.train={args.data}/train.jsonl", f"data.val={args.data}/val.jsonl",
-            f"output.dir={args.runs}", f"output.name=vqa-{name}", f"train.epochs={args.fuse_epochs}",
-            f"data.workers={args.workers}", f"data.batch_size={args.batch_size}"]
+    sets = [
+        f"base={base}",
+        f"data.train={args.data}/train.jsonl",
+        f"data.val={args.data}/val.jsonl",
+        f"output.dir={args.runs}",
+        f"output.name=vqa-{name}",
+        f"train.epochs={args.fuse_epochs}",
+        f"data.workers={args.workers}",
+        f"data.batch_size={args.batch_size}",
+    ]
     sets.append(f"fusion.strategy={strategy}" if strategy else "fusion=null")
     return run(EXAMPLES / "fuse-vqa.yaml", sets, device=args.device)
 
@@ -52,8 +64,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES) + ",pretrained",
-                        help="comma-separated; 'pretrained' reuses the base run's fusion encoder")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES) + ",pretrained",
+        help="comma-separated; 'pretrained' reuses the base run's fusion encoder",
+    )
     parser.add_argument("--json-out", default=None, help="where to write the numbers (default <runs>/evidence.json)")
     args = parser.parse_args()
     from mmcli.evaluation.fusion import evaluate_itm, evaluate_mlm
@@ -72,8 +87,11 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         t0 = time.time()
         result = fuse_vqa(args, base, None if strategy == "pretrained" else strategy)
-        out["vqa"][strategy] = {**result["report"], "seconds": round(time.time() - t0, 1),
-                                "samples_per_s": result.get("samples_per_s")}
+        out["vqa"][strategy] = {
+            **result["report"],
+            "seconds": round(time.time() - t0, 1),
+            "samples_per_s": result.get("samples_per_s"),
+        }
         _save(args, out)
     print(table(out))
 
@@ -89,15 +107,19 @@ def table(out: dict) -> str:
     lines = ["| MLM top-1 (val) | colour words | shape words | overall | random 15% |", "|---|---|---|---|---|"]
     for key, label in (("mlm_text_only", "text-only (mlm)"), ("mlm_image_conditioned", "image-conditioned (mmlm)")):
         m = out[key]
-        lines.append(f"| {label} | {m['groups']['color']['accuracy']:.3f} | {m['groups']['shape']['accuracy']:.3f} "
-                     f"| {m['overall']['accuracy']:.3f} | {m['random']['accuracy']:.3f} |")
+        lines.append(
+            f"| {label} | {m['groups']['color']['accuracy']:.3f} | {m['groups']['shape']['accuracy']:.3f} "
+            f"| {m['overall']['accuracy']:.3f} | {m['random']['accuracy']:.3f} |"
+        )
     lines += ["", f"ITM accuracy (val, 1:1 matched/mismatched): {out['itm']['accuracy']:.3f}", ""]
     vqa = out.get("vqa", {})
     if vqa:
         types = sorted(next(iter(vqa.values()))["per_type"])
         lines += ["| VQA (val) | overall | " + " | ".join(types) + " |", "|---" * (len(types) + 2) + "|"]
         first = next(iter(vqa.values()))
-        lines.append(f"| majority answer ({first['majority_answer']}) | {first['majority_baseline']:.3f} |" + " |" * len(types))
+        lines.append(
+            f"| majority answer ({first['majority_answer']}) | {first['majority_baseline']:.3f} |" + " |" * len(types)
+        )
         lines.append(f"| majority answer per type | {first['type_majority_baseline']:.3f} |" + " |" * len(types))
         for name, r in vqa.items():
             cells = " | ".join(f"{r['per_type'][t]['accuracy']:.3f}" for t in types)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
@@ -35,8 +36,11 @@ from mmcli.retrieval import index as ix
 
 EXACT_TARGET_MS = 100.0
 FAISS_TARGET_MS = 5.0
-META = {"model": {"ref": "synthetic", "arch": "none", "checksum": "sha256:none"}, "modality": "image",
-        "root": "synthetic"}
+META = {
+    "model": {"ref": "synthetic", "arch": "none", "checksum": "sha256:none"},
+    "modality": "image",
+    "root": "synthetic",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,8 +122,9 @@ def measure_exact(index: ix.Index, queries: np.ndarray, repeats: int) -> dict:
     return {"method": "exact", "batch_ms": batch, "single_ms": single, "recall": 1.0}
 
 
-def measure_faiss(index: ix.Index, kind: str, queries: np.ndarray, exact_ids: np.ndarray, workdir: str,
-                  repeats: int) -> dict:
+def measure_faiss(
+    index: ix.Index, kind: str, queries: np.ndarray, exact_ids: np.ndarray, workdir: str, repeats: int
+) -> dict:
     path = os.path.join(workdir, f"emb.{kind}.faiss")
     fi = ann.load_or_build_faiss(index, kind=kind, path=path)
     batch, single = per_query_ms(lambda q: ann.search_faiss(fi, q, 10), queries, repeats)
@@ -151,11 +156,13 @@ def cold_cli(cmd: str, repeats: int) -> None:
     seconds = {}
     for label, argv in (("cli", shlex.split(cmd)), ("import torch", baseline)):
         subprocess.run(argv, check=True, capture_output=True)
-        seconds[label] = median_seconds(lambda: subprocess.run(argv, check=True, capture_output=True), repeats)
+        seconds[label] = median_seconds(partial(subprocess.run, argv, check=True, capture_output=True), repeats)
         print(f"cold {label:<14} {1000 * seconds[label]:8.0f} ms   ({' '.join(argv)})")
     ratio = seconds["cli"] / seconds["import torch"]
-    print(f"cold cli / import torch {ratio:6.2f}×   {'PASS' if ratio <= COLD_CLI_TARGET else 'FAIL'} "
-          f"(target ≤ {COLD_CLI_TARGET:.0f}×)")
+    print(
+        f"cold cli / import torch {ratio:6.2f}×   {'PASS' if ratio <= COLD_CLI_TARGET else 'FAIL'} "
+        f"(target ≤ {COLD_CLI_TARGET:.0f}×)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +171,10 @@ def cold_cli(cmd: str, repeats: int) -> None:
 
 
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.rows:,}×{args.dim} float32, {args.data} data, {args.queries} queries, "
-          f"{os.cpu_count()} CPUs, median of {args.repeats}")
+    print(
+        f"\n{args.rows:,}×{args.dim} float32, {args.data} data, {args.queries} queries, "
+        f"{os.cpu_count()} CPUs, median of {args.repeats}"
+    )
     print(f"{'method':<14}{'batch ms/q':>12}{'single ms/q':>13}{'recall@10':>11}  target")
     for r in results:
         if r["method"] == "exact":
@@ -174,8 +183,10 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         else:
             ok = r["single_ms"] <= FAISS_TARGET_MS and r["recall"] >= ann.RECALL_TARGET
             target = f"single ≤ {FAISS_TARGET_MS:.0f} ms/q at recall ≥ {ann.RECALL_TARGET}"
-        print(f"{r['method']:<14}{r['batch_ms']:>12.2f}{r['single_ms']:>13.2f}{r['recall']:>11.3f}  "
-              f"{'PASS' if ok else 'FAIL'} ({target})")
+        print(
+            f"{r['method']:<14}{r['batch_ms']:>12.2f}{r['single_ms']:>13.2f}{r['recall']:>11.3f}  "
+            f"{'PASS' if ok else 'FAIL'} ({target})"
+        )
 
 
 def run(args: argparse.Namespace, workdir: str) -> None:

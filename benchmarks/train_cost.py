@@ -25,8 +25,11 @@ def spec_for(objectives: dict, args: argparse.Namespace, out: Path, name: str) -
     """A pretraining spec: identical but for the objectives (fusion given to both, used by one)."""
     return {
         "model": {"arch": args.arch},
-        "data": {"train": {"path": str(Path(args.data) / "train.tsv")}, "batch_size": args.batch_size,
-                 "workers": args.workers},
+        "data": {
+            "train": {"path": str(Path(args.data) / "train.tsv")},
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+        },
         "objectives": objectives,
         "fusion": {"strategy": "cross_attention", "depth": 2, "heads": 4},
         "train": {"steps": args.steps, "lr": 1e-3, "log_every": args.steps, "seed": 0},
@@ -61,8 +64,18 @@ def main() -> None:
     print(f"{'objectives':<20} {'samples/s':>10} {'relative':>9}")
     for label, rate in rates.items():
         print(f"{label:<20} {rate:>10.1f} {rate / base:>9.2f}")
-    print(json.dumps({"arch": args.arch, "batch_size": args.batch_size, "steps": args.steps, "device": args.device,
-                      "samples_per_s": rates, "ratio": round(rates["clip + mmlm + itm"] / base, 3)}))
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "device": args.device,
+                "samples_per_s": rates,
+                "ratio": round(rates["clip + mmlm + itm"] / base, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

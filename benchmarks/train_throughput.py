@@ -33,8 +33,24 @@ def steady_rate(rates: list[float]) -> float:
 def ensure_data(workdir: Path, n: int, size: int) -> Path:
     data = workdir / f"shapes-{n}-{size}"
     if not (data / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "mmcli", "data", "shapes", "--out", str(data), "--n", str(n),
-                        "--size", str(size), "--json"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mmcli",
+                "data",
+                "shapes",
+                "--out",
+                str(data),
+                "--n",
+                str(n),
+                "--size",
+                str(size),
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+        )
     return data
 
 
@@ -47,8 +63,12 @@ def run_mmcli(args, data: Path, workdir: Path, steps: int) -> float:
         f"precision: fp32, log_every: 1, seed: 0}}\n"
         f"output: {{dir: {workdir / 'runs'}, name: mmcli, overwrite: true}}\n"
     )
-    subprocess.run([sys.executable, "-m", "mmcli", "--device", args.device, "pretrain", str(spec), "--json"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "mmcli", "--device", args.device, "pretrain", str(spec), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rows = [json.loads(x) for x in (workdir / "runs" / "mmcli" / "metrics.jsonl").read_text().splitlines()]
     return steady_rate([r["samples_per_s"] for r in rows if r["kind"] == "train"])
 
@@ -61,14 +81,54 @@ def run_open_clip(args, data: Path, workdir: Path, epochs: int) -> tuple[float, 
         "from open_clip_train.main import main; main(sys.argv[1:])"
     )
     cmd = [
-        sys.executable, "-c", launcher, str(PRESET_DIR),
-        "--train-data", str(data / "train.tsv"), "--dataset-type", "csv", "--csv-separator", "\t",
-        "--csv-img-key", "filepath", "--csv-caption-key", "title",
-        "--model", args.arch, "--batch-size", str(args.batch_size), "--epochs", str(epochs),
-        "--lr", "5e-4", "--wd", "0.1", "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", "fp32",
-        "--workers", str(args.workers), "--seed", "0", "--log-every-n-steps", "1",
-        "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
-        "--logs", str(workdir / "open_clip_logs"), "--name", f"bench-{os.getpid()}",
+        sys.executable,
+        "-c",
+        launcher,
+        str(PRESET_DIR),
+        "--train-data",
+        str(data / "train.tsv"),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        "\t",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        args.arch,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "5e-4",
+        "--wd",
+        "0.1",
+        "--warmup",
+        "10",
+        "--grad-clip-norm",
+        "1.0",
+        "--precision",
+        "fp32",
+        "--workers",
+        str(args.workers),
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--report-to",
+        "",
+        "--logs",
+        str(workdir / "open_clip_logs"),
+        "--name",
+        f"bench-{os.getpid()}",
     ]
     if args.device == "cpu":
         cmd += ["--device", "cpu"]
@@ -98,7 +158,9 @@ def main() -> None:
     steps = args.epochs * (args.n // args.batch_size)
     oc_rate, oc_steps = run_open_clip(args, data, workdir, args.epochs)
     mm_rate = run_mmcli(args, data, workdir, steps)
-    print(f"model {args.arch}, batch {args.batch_size}, {steps} steps, fp32, {args.workers} workers, device {args.device}")
+    print(
+        f"model {args.arch}, batch {args.batch_size}, {steps} steps, fp32, {args.workers} workers, device {args.device}"
+    )
     print(f"{'trainer':<22}{'steps':>8}{'samples/s':>12}")
     print(f"{'open_clip_train':<22}{oc_steps:>8}{oc_rate:>12.1f}")
     print(f"{'mmcli pretrain':<22}{steps:>8}{mm_rate:>12.1f}")

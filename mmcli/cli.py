@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -30,7 +30,7 @@ app.add_typer(data_app, name="data")
 # Reusable option types ----------------------------------------------------------------------------
 SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML).", show_default=False)]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a spec field, e.g. --set train.lr=3e-4 (repeatable).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -106,28 +106,47 @@ def pretrain(
 
 
 ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", help="A run folder (runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag).",
-                 show_default=False),
+    str | None,
+    typer.Option(
+        "--model",
+        help="A run folder (runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag).",
+        show_default=False,
+    ),
 ]
 
 
 @app.command()
 def embed(
-    path: Annotated[str, typer.Argument(help="A folder of images, a CSV/TSV/JSONL dataset file, webdataset shards "
-                                             "(dir, .tar or {00000..00009}.tar) or a text file (one text a line).",
-                                        show_default=False)],
-    out: Annotated[str, typer.Option("--out", help="The index file (.npy); its sidecar is OUT.json.", show_default=False)],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A folder of images, a CSV/TSV/JSONL dataset file, webdataset shards "
+            "(dir, .tar or {00000..00009}.tar) or a text file (one text a line).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", help="The index file (.npy); its sidecar is OUT.json.", show_default=False)
+    ],
     model: ModelOpt = None,
-    modality: Annotated[str, typer.Option("--modality", help="auto (images, texts for a .txt file), image or text.")] = "auto",
+    modality: Annotated[
+        str, typer.Option("--modality", help="auto (images, texts for a .txt file), image or text.")
+    ] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 rows.")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Items per forward pass.")] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding images.")] = 2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over (and replace a complete index) "
-                                                                "instead of resuming.")] = False,
-    no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, "
-                                                               "resampling closer to the full-size pipeline).")] = False,
-    image_key: Annotated[str, typer.Option("--image-key", help="Image column/key of a dataset file.")] = DEFAULT_IMAGE_KEY,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over (and replace a complete index) instead of resuming.")
+    ] = False,
+    no_draft: Annotated[
+        bool,
+        typer.Option(
+            "--no-draft", help="Decode JPEGs at full size (slower, resampling closer to the full-size pipeline)."
+        ),
+    ] = False,
+    image_key: Annotated[
+        str, typer.Option("--image-key", help="Image column/key of a dataset file.")
+    ] = DEFAULT_IMAGE_KEY,
     text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = DEFAULT_TEXT_KEY,
     as_json: JsonOpt = False,
 ) -> None:
@@ -144,38 +163,70 @@ def embed(
         from mmcli.commands.embed import run
         from mmcli.commands.render import render_embed_summary
 
-        result = run(path, out, model=model, modality=modality, dtype=dtype, batch_size=batch_size, workers=workers,
-                     overwrite=overwrite, draft=not no_draft, image_key=image_key, text_key=text_key,
-                     device=State.device)
+        result = run(
+            path,
+            out,
+            model=model,
+            modality=modality,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            overwrite=overwrite,
+            draft=not no_draft,
+            image_key=image_key,
+            text_key=text_key,
+            device=State.device,
+        )
         if result["is_main"]:
             emit(result, as_json, render_embed_summary)
 
 
 @app.command()
 def retrieve(
-    query: Annotated[Optional[str], typer.Argument(help="A text, or an image file (detected by its suffix).",
-                                                   show_default=False)] = None,
+    query: Annotated[
+        str | None, typer.Argument(help="A text, or an image file (detected by its suffix).", show_default=False)
+    ] = None,
     index: Annotated[str, typer.Option("--index", help="The index (.npy) written by embed.", show_default=False)] = ...,
     k: Annotated[int, typer.Option("--k", min=1, help="Results per query.")] = 10,
-    queries: Annotated[Optional[str], typer.Option("--queries", help="A file of queries, one a line.",
-                                                   show_default=False)] = None,
+    queries: Annotated[
+        str | None, typer.Option("--queries", help="A file of queries, one a line.", show_default=False)
+    ] = None,
     image: Annotated[bool, typer.Option("--image", help="Treat every query as an image file.")] = False,
-    use_faiss: Annotated[bool, typer.Option("--faiss", help="Search with a FAISS index (built next to the "
-                                                            ".npy on first use); automatic above 2M rows.")] = False,
-    grid: Annotated[Optional[str], typer.Option("--grid", help="Write a contact sheet (PNG) of the top-k images.",
-                                                show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="The run folder that made the index, if it has "
-                                                 "moved (default: the sidecar's; checksums must match).",
-                                                 show_default=False)] = None,
+    use_faiss: Annotated[
+        bool,
+        typer.Option(
+            "--faiss", help="Search with a FAISS index (built next to the .npy on first use); automatic above 2M rows."
+        ),
+    ] = False,
+    grid: Annotated[
+        str | None, typer.Option("--grid", help="Write a contact sheet (PNG) of the top-k images.", show_default=False)
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="The run folder that made the index, if it has moved (default: the sidecar's; checksums must match).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index with a text or an image, using the model recorded in its sidecar."""
     with reported_errors():
-        from mmcli.commands.retrieve import run
         from mmcli.commands.render import render_retrieve, report_faiss_build
+        from mmcli.commands.retrieve import run
 
-        result = run(query, index_path=index, k=k, queries_file=queries, image=image, use_faiss=use_faiss,
-                     grid=grid, model=model, device=State.device)
+        result = run(
+            query,
+            index_path=index,
+            k=k,
+            queries_file=queries,
+            image=image,
+            use_faiss=use_faiss,
+            grid=grid,
+            model=model,
+            device=State.device,
+        )
         report_faiss_build(result)
         emit(result, as_json, render_retrieve)
 
@@ -188,9 +239,15 @@ def fuse(
     eval_only: Annotated[
         bool, typer.Option("--eval-only", help="Do not train: apply the spec's run folder to data.val and score it.")
     ] = False,
-    explain: Annotated[Optional[Path], typer.Option(
-        "--explain", help="Write PNGs of a few validation images, each region's box labelled with its "
-        "best-aligned caption concepts (graph fusion).", show_default=False)] = None,
+    explain: Annotated[
+        Path | None,
+        typer.Option(
+            "--explain",
+            help="Write PNGs of a few validation images, each region's box labelled with its "
+            "best-aligned caption concepts (graph fusion).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train or apply a fusion head (VQA answer classification or image–text matching) on a pretrained run."""
@@ -207,20 +264,35 @@ def fuse(
 
 @app.command("eval")
 def evaluate(
-    spec: Annotated[Optional[Path], typer.Argument(help="Eval spec (YAML); optional when flags name the tasks.",
-                                                   show_default=False)] = None,
+    spec: Annotated[
+        Path | None, typer.Argument(help="Eval spec (YAML); optional when flags name the tasks.", show_default=False)
+    ] = None,
     overrides: SetOpt = None,
     model: ModelOpt = None,
-    zero_shot: Annotated[Optional[str], typer.Option("--zero-shot", help="Zero-shot data: a class-folder tree or a "
-                                                                         "labelled CSV/TSV/JSONL.", show_default=False)] = None,
-    templates: Annotated[Optional[str], typer.Option("--templates", help="shapes, imagenet, simple, or "
-                                                                         "'a {}|a photo of a {}.'", show_default=False)] = None,
-    retrieval: Annotated[Optional[str], typer.Option("--retrieval", help="Image–caption pairs for recall@K.",
-                                                     show_default=False)] = None,
-    linear_probe: Annotated[Optional[str], typer.Option("--linear-probe", help="Labelled images for a linear "
-                                                        "probe (half of each class held out).", show_default=False)] = None,
-    output: Annotated[Optional[str], typer.Option("--out", help="Results JSON (default eval.json).",
-                                                  show_default=False)] = None,
+    zero_shot: Annotated[
+        str | None,
+        typer.Option(
+            "--zero-shot", help="Zero-shot data: a class-folder tree or a labelled CSV/TSV/JSONL.", show_default=False
+        ),
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option("--templates", help="shapes, imagenet, simple, or 'a {}|a photo of a {}.'", show_default=False),
+    ] = None,
+    retrieval: Annotated[
+        str | None, typer.Option("--retrieval", help="Image–caption pairs for recall@K.", show_default=False)
+    ] = None,
+    linear_probe: Annotated[
+        str | None,
+        typer.Option(
+            "--linear-probe",
+            help="Labelled images for a linear probe (half of each class held out).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--out", help="Results JSON (default eval.json).", show_default=False)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy."""
@@ -228,8 +300,14 @@ def evaluate(
         from mmcli.commands.evaluate import run
         from mmcli.commands.render import render_eval
 
-        flags = {"model": model, "zero_shot": zero_shot, "templates": templates, "retrieval": retrieval,
-                 "linear_probe": linear_probe, "output": output}
+        flags = {
+            "model": model,
+            "zero_shot": zero_shot,
+            "templates": templates,
+            "retrieval": retrieval,
+            "linear_probe": linear_probe,
+            "output": output,
+        }
         emit(run(spec, overrides or [], flags=flags, device=State.device), as_json, render_eval)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class MmcliError(Exception):
@@ -17,7 +17,7 @@ class MmcliError(Exception):
     exit_code = 2
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
+def fail(message: str) -> NoReturn:  # noqa: F821 - typing only
     """Raise an :class:`MmcliError` with ``message``."""
     raise MmcliError(message)
 

@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 
-
 COMMANDS = [[], ["data"], ["data", "shapes"], ["pretrain"], ["embed"], ["retrieve"], ["fuse"], ["eval"]]
 
 
 def _run(args, env=None, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "mmcli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+        [sys.executable, "-m", "mmcli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
-from mmcli.retrieval import index as ix
 from mmcli.errors import MmcliError
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
+from mmcli.retrieval import index as ix
 
 
 def run(
     path: str,
     out: str,
     *,
-    model: Optional[str] = None,
+    model: str | None = None,
     modality: str = "auto",
     dtype: str = "float32",
     batch_size: int = 64,
@@ -34,8 +35,8 @@ def run(
     it was started with); ``overwrite`` starts over and replaces a complete index.
     """
     from mmcli.distributed import resolve_device
-    from mmcli.retrieval.embedding import resolve_inputs
     from mmcli.models.loading import load_model
+    from mmcli.retrieval.embedding import resolve_inputs
 
     rank, world = _rank_and_world()
     if not str(out).endswith(".npy"):
@@ -48,22 +49,39 @@ def run(
         raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     loaded = load_model(ref, device=dev)
-    meta = {"model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
-            "modality": inputs.modality, "root": inputs.root,
-            "source": {"path": str(path), "format": inputs.format}, "draft_decode": draft}
+    meta = {
+        "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
+        "modality": inputs.modality,
+        "root": inputs.root,
+        "source": {"path": str(path), "format": inputs.format},
+        "draft_decode": draft,
+    }
     start = time.perf_counter()
-    batches, capacity = _batches(inputs, loaded, state, rank=rank, world=world, batch_size=batch_size,
-                                 workers=workers, draft=draft, device=dev)
+    batches, capacity = _batches(
+        inputs, loaded, state, rank=rank, world=world, batch_size=batch_size, workers=workers, draft=draft, device=dev
+    )
     dim = loaded.model.clip.visual.output_dim
     resumed = state.rows + len(state.skipped) if state else 0
     with ix.IndexWriter(target, dim=dim, dtype=dtype, capacity=capacity, meta=meta, overwrite=overwrite) as writer:
         new = _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
     seconds = time.perf_counter() - start
-    return {"out": target, "rank": rank, "world_size": world, "model": meta["model"], "modality": inputs.modality,
-            "format": inputs.format, "dim": dim, "dtype": dtype, "count": writer.rows_done,
-            "skipped": writer.skipped, "resumed_from": resumed, "seconds": round(seconds, 3),
-            "items_per_s": round(new / seconds, 1) if seconds > 0 else None, "device": str(dev),
-            "is_main": rank == 0}
+    return {
+        "out": target,
+        "rank": rank,
+        "world_size": world,
+        "model": meta["model"],
+        "modality": inputs.modality,
+        "format": inputs.format,
+        "dim": dim,
+        "dtype": dtype,
+        "count": writer.rows_done,
+        "skipped": writer.skipped,
+        "resumed_from": resumed,
+        "seconds": round(seconds, 3),
+        "items_per_s": round(new / seconds, 1) if seconds > 0 else None,
+        "device": str(dev),
+        "is_main": rank == 0,
+    }
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -71,32 +89,44 @@ def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _batches(inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool,
-             device) -> tuple[Iterator, int]:
+def _batches(
+    inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool, device
+) -> tuple[Iterator, int]:
     """This rank's batches of not-yet-embedded items and the number of items of this rank."""
-    from mmcli.retrieval.embedding import (ImageItems, ShardImages, draft_size, encode_image_batches, encode_text_batches,
-                                 image_loader)
     from mmcli.data.sources import count_shard_samples
+    from mmcli.retrieval.embedding import (
+        ImageItems,
+        ShardImages,
+        draft_size,
+        encode_image_batches,
+        encode_text_batches,
+        image_loader,
+    )
 
     done = set(state.items) | {s["item"] for s in state.skipped} if state else set()
     size = draft_size(loaded.preprocess) if draft else None
     if inputs.urls is not None:
         if inputs.modality != "image":
-            raise MmcliError(f"{inputs.root}: embedding the texts of webdataset shards is not supported; "
-                             "export them to a text file")
+            raise MmcliError(
+                f"{inputs.root}: embedding the texts of webdataset shards is not supported; export them to a text file"
+            )
         urls = inputs.urls[rank::world]
         total = count_shard_samples(tuple(urls), ("jpg", "jpeg", "png", "webp")) if urls else 0
         dataset = ShardImages(urls, loaded.preprocess, draft=size, done=done)
-        return encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size,
-                                                               workers=min(workers, len(urls))), device), total
+        return encode_image_batches(
+            loaded.model, image_loader(dataset, batch_size=batch_size, workers=min(workers, len(urls))), device
+        ), total
     share = math.ceil(len(inputs.items) / world)  # contiguous shares keep the input order across shards
     mine = inputs.items[rank * share : (rank + 1) * share]
     todo = [item for item in mine if item.key not in done]
     if inputs.modality == "text":
-        return encode_text_batches(loaded.model, loaded.tokenizer, todo, batch_size=batch_size, device=device), len(mine)
+        return encode_text_batches(loaded.model, loaded.tokenizer, todo, batch_size=batch_size, device=device), len(
+            mine
+        )
     dataset = ImageItems(todo, loaded.preprocess, draft=size)
-    return encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size, workers=workers),
-                                device), len(mine)
+    return encode_image_batches(
+        loaded.model, image_loader(dataset, batch_size=batch_size, workers=workers), device
+    ), len(mine)
 
 
 def _write(writer: ix.IndexWriter, batches: Iterator, *, total: int, done: int, show: bool, unit: str) -> int:

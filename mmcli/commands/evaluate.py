@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mmcli.errors import MmcliError
 from mmcli.io import atomic_write_text
-from mmcli.spec import EvalSpec, choices, apply_overrides, read_yaml, validate
+from mmcli.spec import EvalSpec, apply_overrides, choices, read_yaml, validate
 
-def spec_from(spec_path: Optional[Path], overrides: list[str], flags: dict[str, Any]) -> EvalSpec:
+
+def spec_from(spec_path: Path | None, overrides: list[str], flags: dict[str, Any]) -> EvalSpec:
     """The eval spec of a YAML file and/or flags (flags and ``--set`` win over the file)."""
     data = read_yaml(spec_path) if spec_path is not None else {}
     for key, value in flags.items():
@@ -27,8 +28,9 @@ def spec_from(spec_path: Optional[Path], overrides: list[str], flags: dict[str, 
     return validate(EvalSpec, data, str(spec_path) if spec_path else "eval flags")
 
 
-def run(spec_path: Optional[Path], overrides: list[str], *, flags: dict[str, Any] | None = None,
-        device: str = "auto") -> dict[str, Any]:
+def run(
+    spec_path: Path | None, overrides: list[str], *, flags: dict[str, Any] | None = None, device: str = "auto"
+) -> dict[str, Any]:
     """Run every task of the spec; write the JSON results; return them with the notes."""
     spec = spec_from(spec_path, overrides, flags or {})
     from mmcli.distributed import resolve_device
@@ -39,21 +41,36 @@ def run(spec_path: Optional[Path], overrides: list[str], *, flags: dict[str, Any
     dev = resolve_device(device)
     loaded = load_model(spec.model, device=dev)
     embedder = Embedder(loaded, device=dev, batch_size=spec.batch_size, workers=spec.workers)
-    ctx = EvalContext(loaded=loaded, embedder=embedder, device=dev, batch_size=spec.batch_size,
-                      output=Path(spec.output))
+    ctx = EvalContext(
+        loaded=loaded, embedder=embedder, device=dev, batch_size=spec.batch_size, output=Path(spec.output)
+    )
     dataset = spec.dataset or _dataset_name(spec)
     results = []
     for name, task in EVAL_TASKS.items():
         section = getattr(spec, name)
         if section is not None:
-            results.append({"dataset": dataset, "model": loaded.arch, "pretrained": loaded.ref,
-                            "checksum": loaded.checksum, "task": task.result_name, "metrics": task.run(ctx, section)})
+            results.append(
+                {
+                    "dataset": dataset,
+                    "model": loaded.arch,
+                    "pretrained": loaded.ref,
+                    "checksum": loaded.checksum,
+                    "task": task.result_name,
+                    "metrics": task.run(ctx, section),
+                }
+            )
     if embedder.skipped:
-        ctx.notes.append(f"{len(embedder.skipped)} unreadable images left out, e.g. {embedder.skipped[0][0]} "
-                         f"({embedder.skipped[0][1]})")
+        ctx.notes.append(
+            f"{len(embedder.skipped)} unreadable images left out, e.g. {embedder.skipped[0][0]} "
+            f"({embedder.skipped[0][1]})"
+        )
     atomic_write_text(ctx.output, json.dumps(results, indent=2, default=str) + "\n")
-    return {"json": str(ctx.output), "results": results, "notes": ctx.notes,
-            "skipped": [{"item": p, "reason": r} for p, r in embedder.skipped]}
+    return {
+        "json": str(ctx.output),
+        "results": results,
+        "notes": ctx.notes,
+        "skipped": [{"item": p, "reason": r} for p, r in embedder.skipped],
+    }
 
 
 def _dataset_name(spec: EvalSpec) -> str:

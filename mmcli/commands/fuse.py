@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcli import __version__
-from mmcli import io
+from mmcli import __version__, io
 from mmcli.errors import MmcliError
 from mmcli.spec import FuseSpec, load_spec
 
@@ -24,8 +23,15 @@ PREDICTIONS = "predictions.jsonl"
 FEATURES = "fused.npy"
 
 
-def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_only: bool = False,
-        device: str = "auto", explain: Path | None = None) -> dict[str, Any]:
+def run(
+    spec_path: Path,
+    overrides: list[str],
+    *,
+    resume: bool = False,
+    eval_only: bool = False,
+    device: str = "auto",
+    explain: Path | None = None,
+) -> dict[str, Any]:
     """Run a fuse spec: train then apply, or only apply (``eval_only``); return the summary.
 
     ``explain``: a folder for PNGs of a few validation images with each region's box labelled
@@ -38,8 +44,15 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, eval_onl
         result = {} if eval_only else _train(spec, world, resume)
         if world.is_main and spec.data.val is not None and not result.get("interrupted"):
             result.update(apply(spec.run_dir(), spec, world.device, explain))
-        return {"run_dir": str(spec.run_dir()), "task": spec.task, "base": spec.base, "eval_only": eval_only,
-                "is_main": world.is_main, "device": str(world.device), **result}
+        return {
+            "run_dir": str(spec.run_dir()),
+            "task": spec.task,
+            "base": spec.base,
+            "eval_only": eval_only,
+            "is_main": world.is_main,
+            "device": str(world.device),
+            **result,
+        }
     finally:
         close_world(world)
 
@@ -54,14 +67,14 @@ def _examples(spec: FuseSpec, path: str):
 
 
 def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
-    from mmcli.data.tokenize import Tokenize
-    from mmcli.training.checkpoint import resume_into, save_spec
-    from mmcli.training.runs import prepare_run_dir, seed_everything
     from mmcli.data.examples import ExampleDataset, answer_prior, answer_vocabulary, example_loader
+    from mmcli.data.tokenize import Tokenize
     from mmcli.models.downstream import ITM_LABELS, build_fuse_model, fuse_modules, reused_modules
     from mmcli.models.encoders import count_parameters
     from mmcli.models.loading import load_model
+    from mmcli.training.checkpoint import resume_into, save_spec
     from mmcli.training.loop import train
+    from mmcli.training.runs import prepare_run_dir, seed_everything
     from mmcli.training.tasks import FuseTask
 
     if spec.data.batch_size % world.world_size:
@@ -85,25 +98,55 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     per_rank = spec.data.batch_size // world.world_size
 
     def loaders(epoch: int, start_batch: int):
-        return example_loader(dataset, batch_size=per_rank, train=True, seed=spec.train.seed, epoch=epoch,
-                              start_batch=start_batch, rank=world.rank, world_size=world.world_size,
-                              workers=spec.data.workers)
+        return example_loader(
+            dataset,
+            batch_size=per_rank,
+            train=True,
+            seed=spec.train.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            rank=world.rank,
+            world_size=world.world_size,
+            workers=spec.data.workers,
+        )
 
     per_epoch = len(loaders(0, 0))
     if per_epoch == 0:
         raise MmcliError(f"{spec.data.train}: fewer examples than one batch ({spec.data.batch_size})")
     validate = _validator(spec, labels, tokenize, base.preprocess, world.device, per_rank, concepts)
-    meta = {"mmcli_version": __version__, "arch": base.arch, "kind": "fuse", "task": spec.task, "base": spec.base,
-            "modules": modules}
+    meta = {
+        "mmcli_version": __version__,
+        "arch": base.arch,
+        "kind": "fuse",
+        "task": spec.task,
+        "base": spec.base,
+        "modules": modules,
+    }
     if spec.task == "vqa":
         meta["answer_prior"] = answer_prior(examples)
     task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
-    result = train(task, loaders=loaders, batches_per_epoch=per_epoch,
-                   spec=spec.train, world=world, run_dir=run_dir, meta=meta, validate=validate,
-                   resume=resume_state, progress_label=f"fuse {spec.task}")
-    return {"parameters": count_parameters(model), "trained_parameters": count_parameters(task), "steps": result.steps,
-            "interrupted": result.interrupted, "samples_per_s": round(result.samples_per_s, 1),
-            "world_size": world.world_size, "train": result.last_metrics, "val": result.last_validation}
+    result = train(
+        task,
+        loaders=loaders,
+        batches_per_epoch=per_epoch,
+        spec=spec.train,
+        world=world,
+        run_dir=run_dir,
+        meta=meta,
+        validate=validate,
+        resume=resume_state,
+        progress_label=f"fuse {spec.task}",
+    )
+    return {
+        "parameters": count_parameters(model),
+        "trained_parameters": count_parameters(task),
+        "steps": result.steps,
+        "interrupted": result.interrupted,
+        "samples_per_s": round(result.samples_per_s, 1),
+        "world_size": world.world_size,
+        "train": result.last_metrics,
+        "val": result.last_validation,
+    }
 
 
 def _validator(spec: FuseSpec, labels, tokenize, preprocess, device, batch_size, concepts: bool):
@@ -122,8 +165,8 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     """Predict on ``spec.data.val`` with the run folder's model, write the predictions and fused
     features, and score them (plus the base run's MLM accuracy when it has an MLM head); with
     ``explain``, also write alignment pictures there."""
-    from mmcli.data.tokenize import Tokenize
     from mmcli.data.examples import ExampleDataset, example_loader
+    from mmcli.data.tokenize import Tokenize
     from mmcli.evaluation.fusion import evaluate_mlm, predict
     from mmcli.evaluation.metrics import answer_accuracy
     from mmcli.models.downstream import task_labels, uses_graph
@@ -134,8 +177,10 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     loaded = load_model(str(run_dir), device=device)
     graph = uses_graph(loaded.model)
     if explain is not None and not graph:
-        raise MmcliError("--explain: the run's fusion has no region–concept graph (use fusion.strategy: graph "
-                         "or a fusion.graph section)")
+        raise MmcliError(
+            "--explain: the run's fusion has no region–concept graph (use fusion.strategy: graph "
+            "or a fusion.graph section)"
+        )
     labels = task_labels(loaded.model, spec.task)
     examples = _examples(spec, spec.data.val)[: spec.data.val_max]
     dataset = ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer), concepts=graph)
@@ -143,8 +188,11 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     rows, features = predict(loaded.model, loader, examples, labels, spec.task, device)
     _write_jsonl(Path(run_dir) / PREDICTIONS, rows)
     write_features(Path(run_dir) / FEATURES, features, [r["id"] for r in rows], loaded, spec.task)
-    out = {"report": answer_accuracy(rows, loaded.meta.get("answer_prior")), "predictions": str(Path(run_dir) / PREDICTIONS),
-           "features": str(Path(run_dir) / FEATURES)}
+    out = {
+        "report": answer_accuracy(rows, loaded.meta.get("answer_prior")),
+        "predictions": str(Path(run_dir) / PREDICTIONS),
+        "features": str(Path(run_dir) / FEATURES),
+    }
     if explain is not None:
         from mmcli.viz.explain import write_explanations
 
@@ -153,8 +201,12 @@ def apply(run_dir: Path, spec: FuseSpec, device, explain: Path | None = None) ->
     if "mlm_head" in base_modules:
         image_ok = base_modules.get("fusion", {}).get("strategy", "late") != "late"
         kinds = [False] + ([True] if image_ok else [])
-        out["base_mlm"] = {("image_conditioned" if c else "text_only"): evaluate_mlm(
-            spec.base, spec.data.val, image_conditioned=c, device=device, batch_size=spec.data.batch_size) for c in kinds}
+        out["base_mlm"] = {
+            ("image_conditioned" if c else "text_only"): evaluate_mlm(
+                spec.base, spec.data.val, image_conditioned=c, device=device, batch_size=spec.data.batch_size
+            )
+            for c in kinds
+        }
     return out
 
 
@@ -173,7 +225,15 @@ def write_features(path: Path, features: np.ndarray, ids: list[str], loaded, tas
             np.save(f, rows)
 
     io.atomic_write(path, save)
-    sidecar = {"format": "mmcli-fused-features", "version": 1, "modality": "fused", "task": task,
-               "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
-               "dim": int(rows.shape[1]), "dtype": "float32", "count": len(ids), "items": ids}
+    sidecar = {
+        "format": "mmcli-fused-features",
+        "version": 1,
+        "modality": "fused",
+        "task": task,
+        "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
+        "dim": int(rows.shape[1]),
+        "dtype": "float32",
+        "count": len(ids),
+        "items": ids,
+    }
     io.atomic_write_text(Path(str(path) + ".json"), json.dumps(sidecar, indent=2))

@@ -21,14 +21,14 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
     """Run a pretraining spec end to end; return the summary (also printed by the CLI)."""
     spec: PretrainSpec = load_spec(spec_path, PretrainSpec, overrides)
     from mmcli.data.batches import make_loader
+    from mmcli.data.tokenize import Tokenize
     from mmcli.distributed import close_world, init_world
     from mmcli.models.encoders import build_dual_encoder, count_parameters
     from mmcli.models.multimodal import build_multimodal, open_clip_text_cfg
-    from mmcli.data.tokenize import Tokenize
     from mmcli.models.weights import save_open_clip_config
     from mmcli.training.checkpoint import resume_into, save_spec
-    from mmcli.training.runs import prepare_run_dir, seed_everything
     from mmcli.training.loop import train
+    from mmcli.training.runs import prepare_run_dir, seed_everything
     from mmcli.training.tasks import Pretrainer
     from mmcli.training.validation import contrastive_validator
 
@@ -44,17 +44,26 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
         resume_state = resume_into(run_dir, model, resume)
         if world.is_main:
             save_spec(run_dir, spec)
-            save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)),
-                                       encoder.preprocess_config)
+            save_open_clip_config(
+                run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)), encoder.preprocess_config
+            )
 
         per_rank = spec.data.batch_size // world.world_size
         tokenize = Tokenize(encoder.tokenizer)
 
         def loaders(epoch: int, start_batch: int):
             return make_loader(
-                spec.data.train, spec.data, encoder.preprocess_train, tokenize,
-                batch_size=per_rank, train=True, seed=spec.train.seed,
-                rank=world.rank, world_size=world.world_size, epoch=epoch, start_batch=start_batch,
+                spec.data.train,
+                spec.data,
+                encoder.preprocess_train,
+                tokenize,
+                batch_size=per_rank,
+                train=True,
+                seed=spec.train.seed,
+                rank=world.rank,
+                world_size=world.world_size,
+                epoch=epoch,
+                start_batch=start_batch,
             )
 
         per_epoch = len(loaders(0, 0))
@@ -63,12 +72,22 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
         validate = None
         if spec.data.val is not None:
             val_loader = make_loader(
-                spec.data.val, spec.data, encoder.preprocess_val, tokenize,
-                batch_size=per_rank, train=False, seed=spec.train.seed, limit=spec.data.val_max,
+                spec.data.val,
+                spec.data,
+                encoder.preprocess_val,
+                tokenize,
+                batch_size=per_rank,
+                train=False,
+                seed=spec.train.seed,
+                limit=spec.data.val_max,
             )
             validate = contrastive_validator(val_loader, world.device)
-        meta = {"mmcli_version": __version__, "arch": spec.model.arch, "kind": "pretrain",
-                "modules": model.modules_config}
+        meta = {
+            "mmcli_version": __version__,
+            "arch": spec.model.arch,
+            "kind": "pretrain",
+            "modules": model.modules_config,
+        }
         result = train(
             Pretrainer(model, objectives, world),
             loaders=loaders,

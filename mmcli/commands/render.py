@@ -43,7 +43,12 @@ def render_pretrain_summary(result: dict[str, Any]) -> None:
         ("run folder", result["run_dir"]),
         ("model", f"{result['arch']} ({result['parameters'] / 1e6:.1f} M parameters)"),
         ("device", f"{result['device']} × {result['world_size']}"),
-        ("steps", result["steps"] if not result.get("interrupted") else f"{result['steps']} (interrupted; --resume continues)"),
+        (
+            "steps",
+            result["steps"]
+            if not result.get("interrupted")
+            else f"{result['steps']} (interrupted; --resume continues)",
+        ),
         ("samples/s", result["samples_per_s"]),
         ("train loss", train.get("loss", "-")),
     ]
@@ -63,8 +68,11 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
     and the base run's MLM accuracy on masked colour/shape words when it has an MLM head."""
     rows = [("run folder", result["run_dir"]), ("task", result["task"]), ("base run", result["base"])]
     if not result.get("eval_only"):
-        rows += [("steps", result.get("steps")), ("samples/s", result.get("samples_per_s")),
-                 ("train loss", result.get("train", {}).get("loss", "-"))]
+        rows += [
+            ("steps", result.get("steps")),
+            ("samples/s", result.get("samples_per_s")),
+            ("train loss", result.get("train", {}).get("loss", "-")),
+        ]
     report = result.get("report", {})
     if report:
         rows.append((f"val accuracy (n={report['n']})", report["accuracy"]))
@@ -98,15 +106,26 @@ def embed_progress(unit: str, *, show: bool = True):
         def render(self, task) -> Text:
             return Text(f"{task.speed:,.0f} {unit}s/s" if task.speed else "", style="progress.data.speed")
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not show,
+    )
 
 
 def render_embed_summary(result: dict[str, Any]) -> None:
     """What ``mmcli embed`` wrote: the index, its model, rows, skipped files and speed."""
-    rows = [("index", result["out"]), ("model", f"{result['model']['ref']} ({result['model']['arch']})"),
-            ("modality", result["modality"]), ("rows", f"{result['count']} × {result['dim']} {result['dtype']}"),
-            ("skipped", len(result["skipped"]))]
+    rows = [
+        ("index", result["out"]),
+        ("model", f"{result['model']['ref']} ({result['model']['arch']})"),
+        ("modality", result["modality"]),
+        ("rows", f"{result['count']} × {result['dim']} {result['dtype']}"),
+        ("skipped", len(result["skipped"])),
+    ]
     if result.get("resumed_from"):
         rows.append(("resumed after", f"{result['resumed_from']} items"))
     rows += [("seconds", result["seconds"]), (f"{result['modality']}s/s", result["items_per_s"])]
@@ -146,9 +165,12 @@ def report_faiss_build(result: dict[str, Any]) -> None:
     """On stderr (also under ``--json``): a FAISS index built for this search, and its recall check."""
     search = result["search"]
     if search.get("built"):
-        print(f"built a {search['method']} index {search['path']} in {search['build_seconds']:.1f} s "
-              f"({search['params']}); "
-              f"recall@10 against exact search: {search['recall_at_10']:.3f}", file=sys.stderr)
+        print(
+            f"built a {search['method']} index {search['path']} in {search['build_seconds']:.1f} s "
+            f"({search['params']}); "
+            f"recall@10 against exact search: {search['recall_at_10']:.3f}",
+            file=sys.stderr,
+        )
 
 
 def render_eval(result: dict[str, Any]) -> None:

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mmcli.errors import MmcliError
 from mmcli.retrieval import index as ix
 from mmcli.retrieval.query import QueryEncoder, is_image_query
 from mmcli.retrieval.search import make_searcher
 
+
 def run(
-    query: Optional[str],
+    query: str | None,
     *,
     index_path: str,
     k: int = 10,
-    queries_file: Optional[str] = None,
+    queries_file: str | None = None,
     image: bool = False,
     use_faiss: bool = False,
-    grid: Optional[str] = None,
-    model: Optional[str] = None,
+    grid: str | None = None,
+    model: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Top-``k`` items of ``index_path`` for each query; see the CLI help for the options."""
@@ -33,17 +34,26 @@ def run(
     scores, ids = search(vectors, k)
     out = []
     for n, q in enumerate(queries):
-        hits = [{"rank": r + 1, "score": float(s), "row": int(i), "item": index.items[int(i)]}
-                for r, (s, i) in enumerate(zip(scores[n], ids[n])) if i >= 0]
+        hits = [
+            {"rank": r + 1, "score": float(s), "row": int(i), "item": index.items[int(i)]}
+            for r, (s, i) in enumerate(zip(scores[n], ids[n]))
+            if i >= 0
+        ]
         entry = {"query": q, "is_image": image or is_image_query(q), "results": hits}
         if grid:
             entry["grid"] = str(write_grid(index, hits, grid_path(grid, n, len(queries)), title=q))
         out.append(entry)
-    return {"index": index_path, "count": len(index), "model": index.meta["model"], "k": k,
-            "search": search.describe(), "queries": out}
+    return {
+        "index": index_path,
+        "count": len(index),
+        "model": index.meta["model"],
+        "k": k,
+        "search": search.describe(),
+        "queries": out,
+    }
 
 
-def collect_queries(query: Optional[str], queries_file: Optional[str]) -> list[str]:
+def collect_queries(query: str | None, queries_file: str | None) -> list[str]:
     """``query`` followed by the non-blank lines of ``queries_file``; at least one."""
     queries = [query] if query else []
     if queries_file:
@@ -67,8 +77,10 @@ def write_grid(index: ix.Index, hits: list[dict], out: Path, *, title: str) -> P
     from mmcli.viz.grid import contact_sheet
 
     if index.meta.get("modality") != "image" or index.meta.get("source", {}).get("format") == "webdataset":
-        raise MmcliError(f"--grid: {index.path} does not hold image files (a {index.meta.get('modality')} index"
-                         f"{' of webdataset shards' if index.meta.get('modality') == 'image' else ''})")
+        raise MmcliError(
+            f"--grid: {index.path} does not hold image files (a {index.meta.get('modality')} index"
+            f"{' of webdataset shards' if index.meta.get('modality') == 'image' else ''})"
+        )
     root = index.meta.get("root") or ""
     paths = [os.path.join(root, hit["item"]) for hit in hits]
     return contact_sheet(paths, [hit["score"] for hit in hits], out, title=title)

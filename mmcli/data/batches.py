@@ -13,22 +13,22 @@ import itertools
 import math
 import random
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmcli.io import WEBDATASET_IMAGE_KEYS, WEBDATASET_TEXT_KEY
 from mmcli.data.images import BadImage, load_image
 from mmcli.data.sources import Record, count_shard_samples, read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
+from mmcli.io import WEBDATASET_IMAGE_KEYS, WEBDATASET_TEXT_KEY
 from mmcli.spec import DataSpec, SourceSpec
 
 ImageFn = Callable[[Any], torch.Tensor]
 TextFn = Callable[[str], torch.Tensor]
 Sample = dict[str, Any]
-
 
 
 def mix_seed(*values: int) -> int:
@@ -45,9 +45,7 @@ def _as_token_row(text: torch.Tensor) -> torch.Tensor:
     return text
 
 
-def make_sample(
-    image, text: str, index: int, image_fn: ImageFn, text_fn: TextFn, seed_key: tuple[int, ...]
-) -> Sample:
+def make_sample(image, text: str, index: int, image_fn: ImageFn, text_fn: TextFn, seed_key: tuple[int, ...]) -> Sample:
     """Apply ``image_fn``/``text_fn`` under the seed ``mix_seed(*seed_key)``, leaving the
     global torch and Python RNG states as they were."""
     sample_seed = mix_seed(*seed_key)
@@ -70,9 +68,7 @@ class PairDataset(Dataset):
 
     Augmentations are seeded by ``(seed, epoch, index)``."""
 
-    def __init__(
-        self, records: list[Record], image_fn: ImageFn, text_fn: TextFn, *, max_pixels: int, seed: int = 0
-    ):
+    def __init__(self, records: list[Record], image_fn: ImageFn, text_fn: TextFn, *, max_pixels: int, seed: int = 0):
         self.records = records
         self.image_fn = image_fn
         self.text_fn = text_fn
@@ -346,9 +342,7 @@ def make_loader(
     return _map_loader(source, data, image_fn, text_fn, plan)
 
 
-def _map_loader(
-    source: SourceSpec, data: DataSpec, image_fn: ImageFn, text_fn: TextFn, plan: _Plan
-) -> PairLoader:
+def _map_loader(source: SourceSpec, data: DataSpec, image_fn: ImageFn, text_fn: TextFn, plan: _Plan) -> PairLoader:
     records = read_records(source)[: plan.limit]
     dataset = PairDataset(records, image_fn, text_fn, max_pixels=data.max_image_pixels, seed=plan.seed)
     dataset.set_epoch(plan.epoch)

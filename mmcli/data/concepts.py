@@ -43,9 +43,7 @@ _STOPWORDS = frozenset(
     where when why how while as of to for at by from into onto about against through during
     up down out off again once such own same other another""".split()
 )
-_DETERMINERS = frozenset(
-    "a an the this that these those some any each every his her its their my your our".split()
-)
+_DETERMINERS = frozenset("a an the this that these those some any each every his her its their my your our".split())
 
 _COLOURS = """red green blue yellow orange purple pink brown black white gray grey cyan magenta
     violet silver gold golden beige teal"""
@@ -236,9 +234,7 @@ def _noun_group(words: list[_Word], i: int) -> tuple[list[Concept], int]:
     adjectives_end = i
     while i < len(words) and _continues(words, i, start) and _role(words, i) == "noun":
         i += 1
-    attributes = [
-        _concept(words, j, j + 1, "attribute", words[j].text) for j in range(start, adjectives_end)
-    ]
+    attributes = [_concept(words, j, j + 1, "attribute", words[j].text) for j in range(start, adjectives_end)]
     if i == adjectives_end:
         return attributes, i
     return [_concept(words, start, i, "object", words[i - 1].text), *attributes], i
@@ -272,9 +268,7 @@ def _word_token_ranges(text: str, tokenizer: Any) -> list[tuple[int, int]]:
         previous_end = word.end
     pieces += tokenizer.encode(text[previous_end:])
     if pieces != tokenizer.encode(text):
-        raise ValueError(
-            f"the tokenizer splits {text!r} across word boundaries, so concept spans would be wrong"
-        )
+        raise ValueError(f"the tokenizer splits {text!r} across word boundaries, so concept spans would be wrong")
     return ranges
 
 

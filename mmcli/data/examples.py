@@ -11,10 +11,11 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -67,7 +68,7 @@ def apply_box_file(records: list[dict[str, Any]], path: str | Path) -> list[dict
     boxes: dict[str, list] = {}
     for number, row in read_jsonl_rows(path):
         if not isinstance(row.get("boxes"), list) or "id" not in row:
-            raise MmcliError(f"{path}: line {number}: expected {{\"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}}")
+            raise MmcliError(f'{path}: line {number}: expected {{"id": ..., "boxes": [[x0, y0, x1, y1], ...]}}')
         if any(len(b) != 4 for b in row["boxes"]):
             raise MmcliError(f"{path}: line {number}: every box needs 4 numbers (x0, y0, x1, y1)")
         boxes[str(row["id"])] = row["boxes"]
@@ -96,8 +97,17 @@ def question_examples(records: list[dict[str, Any]]) -> list[Example]:
     out = []
     for record in records:
         for k, q in enumerate(record.get("questions", [])):
-            out.append(Example(f"{record['id']}-q{k}", record["image"], q["question"], q["answer"], q["type"],
-                               _boxes(record), record["caption"]))
+            out.append(
+                Example(
+                    f"{record['id']}-q{k}",
+                    record["image"],
+                    q["question"],
+                    q["answer"],
+                    q["type"],
+                    _boxes(record),
+                    record["caption"],
+                )
+            )
     return out
 
 
@@ -108,12 +118,30 @@ def matching_examples(records: list[dict[str, Any]], seed: int) -> list[Example]
     several = len({r["caption"] for r in records}) > 1
     out = []
     for record in records:
-        out.append(Example(f"{record['id']}-match", record["image"], record["caption"], "yes", "match", _boxes(record),
-                           record["caption"]))
+        out.append(
+            Example(
+                f"{record['id']}-match",
+                record["image"],
+                record["caption"],
+                "yes",
+                "match",
+                _boxes(record),
+                record["caption"],
+            )
+        )
         if several:
             text = _draw_other(rng, records, record)
-            out.append(Example(f"{record['id']}-mismatch", record["image"], text, "no", "mismatch", _boxes(record),
-                               record["caption"]))
+            out.append(
+                Example(
+                    f"{record['id']}-mismatch",
+                    record["image"],
+                    text,
+                    "no",
+                    "mismatch",
+                    _boxes(record),
+                    record["caption"],
+                )
+            )
     return out
 
 
@@ -149,8 +177,15 @@ class ExampleDataset(Dataset):
     the shorter side and crops the centre (open_clip's evaluation transform).
     """
 
-    def __init__(self, examples: list[Example], labels: list[str], image_fn: Callable, tokenize: Callable,
-                 max_pixels: int = 89_478_485, concepts: bool = False):
+    def __init__(
+        self,
+        examples: list[Example],
+        labels: list[str],
+        image_fn: Callable,
+        tokenize: Callable,
+        max_pixels: int = 89_478_485,
+        concepts: bool = False,
+    ):
         self.examples, self.image_fn, self.tokenize = examples, image_fn, tokenize
         self.label_ids = {label: i for i, label in enumerate(labels)}
         self.max_pixels, self.concepts = max_pixels, concepts
@@ -165,14 +200,23 @@ class ExampleDataset(Dataset):
         except BadImage:
             return None
         pixels = self.image_fn(image)
-        item = {"image": pixels, "text": self.tokenize(e.text), "index": index,
-                "label": self.label_ids.get(e.label, IGNORE_INDEX),
-                "boxes": input_boxes(e.boxes, image.size, tuple(pixels.shape[-2:]))}
+        item = {
+            "image": pixels,
+            "text": self.tokenize(e.text),
+            "index": index,
+            "label": self.label_ids.get(e.label, IGNORE_INDEX),
+            "boxes": input_boxes(e.boxes, image.size, tuple(pixels.shape[-2:])),
+        }
         if self.concepts:
             spans, grounded = text_concepts(e.text)
             caption_spans, caption_grounded = text_concepts(e.caption or e.text)
-            item.update(concept_spans=spans, concept_grounded=grounded, caption=self.tokenize(e.caption or e.text),
-                        caption_spans=caption_spans, caption_grounded=caption_grounded)
+            item.update(
+                concept_spans=spans,
+                concept_grounded=grounded,
+                caption=self.tokenize(e.caption or e.text),
+                caption_spans=caption_spans,
+                caption_grounded=caption_grounded,
+            )
         return item
 
 
@@ -244,11 +288,27 @@ def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     return batch
 
 
-def example_loader(dataset: ExampleDataset, *, batch_size: int, train: bool, seed: int, epoch: int = 0,
-                   start_batch: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
+def example_loader(
+    dataset: ExampleDataset,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    epoch: int = 0,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+):
     """Batches of ``dataset`` for one rank and epoch (the same order rule as pretraining)."""
-    batches = rank_batches(len(dataset), batch_size=batch_size, train=train, seed=seed, epoch=epoch,
-                           rank=rank, world_size=world_size)[start_batch:]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_examples,
-                        pin_memory=torch.cuda.is_available())
+    batches = rank_batches(
+        len(dataset), batch_size=batch_size, train=train, seed=seed, epoch=epoch, rank=rank, world_size=world_size
+    )[start_batch:]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_examples,
+        pin_memory=torch.cuda.is_available(),
+    )
     return PairLoader(loader, len(batches), len(dataset))

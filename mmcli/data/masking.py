@@ -67,9 +67,7 @@ def _id_tensor(ids: Iterable[int] | torch.Tensor, like: torch.Tensor) -> torch.T
     return torch.tensor(sorted(ids), dtype=like.dtype, device=like.device)
 
 
-def _select_exact_share(
-    maskable: torch.Tensor, prob: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def _select_exact_share(maskable: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
     """Boolean [B, L]: a uniformly random subset of each row's maskable positions, of size k_i."""
     counts = _selection_counts(maskable.sum(dim=1), prob, generator)
     # Ranking random scores picks a uniform random subset of a given size in one vectorised step;
@@ -80,9 +78,7 @@ def _select_exact_share(
     return (ranks < counts.unsqueeze(1)) & maskable
 
 
-def _selection_counts(
-    n_maskable: torch.Tensor, prob: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def _selection_counts(n_maskable: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
     """k_i = floor(prob·n_i) or that plus one (stochastic rounding), at least 1 when n_i > 0."""
     expected = prob * n_maskable.float()
     base = expected.floor()
@@ -118,8 +114,9 @@ def _corrupt(
     return torch.where(to_random, candidates[picks], inputs)
 
 
-def random_patch_mask(batch: int, patches: int, ratio: float, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+def random_patch_mask(
+    batch: int, patches: int, ratio: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Boolean [B, N]: exactly ``round(ratio · N)`` (at least 1) random patches per image are True."""
     count = min(patches, max(1, round(ratio * patches)))
     scores = torch.rand(batch, patches, generator=generator, device=generator.device if generator else device)

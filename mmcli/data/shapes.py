@@ -9,10 +9,11 @@ on one axis that "left of" / "right of" / "above" / "below" is never a judgement
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -208,7 +209,7 @@ def _negative_pair(rng: np.random.Generator, objects: list[SceneObject]) -> tupl
 
 
 def _relation_question(rng: np.random.Generator, objects: list[SceneObject]) -> dict | None:
-    """"what is left of the blue square?" for a (reference, relation) with exactly one answer."""
+    """ "what is left of the blue square?" for a (reference, relation) with exactly one answer."""
     candidates = []
     for j, ref in enumerate(objects):
         for predicate in RELATIONS:
@@ -314,9 +315,7 @@ def make_example(seed: int, split: str, index: int, image_size: int) -> tuple[di
         "width": image_size,
         "height": image_size,
         "caption": caption(objects),
-        "objects": [
-            {"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box)} for o in objects
-        ],
+        "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box)} for o in objects],
         "relations": relations(objects),
         "questions": questions(rng, objects),
     }
@@ -350,10 +349,7 @@ def write_split(out: Path, split: str, count: int, seed: int, image_size: int) -
         records.append(record)
     _write_text(out / f"{split}.jsonl", (json.dumps(r, separators=(",", ":")) for r in records))
     header = "filepath\ttitle\tlabel" if split == "classify" else "filepath\ttitle"
-    rows = (
-        "\t".join([r["image"], r["caption"]] + ([r["label"]] if split == "classify" else []))
-        for r in records
-    )
+    rows = ("\t".join([r["image"], r["caption"]] + ([r["label"]] if split == "classify" else [])) for r in records)
     _write_text(out / f"{split}.tsv", [header, *rows])
 
 

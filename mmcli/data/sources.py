@@ -19,9 +19,9 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from mmcli.io import SUFFIX_FORMATS
 from mmcli.data.images import is_image_file
 from mmcli.errors import MmcliError
+from mmcli.io import SUFFIX_FORMATS
 from mmcli.spec import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ def read_table(path: Path, separator: str, image_key: str, text_key: str) -> lis
         columns = reader.fieldnames or []
         for key, what in ((image_key, "image_key"), (text_key, "text_key")):
             if key not in columns:
-                raise MmcliError(
-                    f"{path}: no column {key!r} ({what}); the columns are: {', '.join(columns) or 'none'}"
-                )
+                raise MmcliError(f"{path}: no column {key!r} ({what}); the columns are: {', '.join(columns) or 'none'}")
         try:
             return [_table_record(path, reader.line_num, row, image_key, text_key) for row in reader]
         except csv.Error as exc:

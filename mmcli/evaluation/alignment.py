@@ -39,8 +39,9 @@ def match_regions(object_boxes: torch.Tensor, region_boxes: torch.Tensor, min_io
     return [int(i) if float(b) >= min_iou else None for b, i in zip(best, index)]
 
 
-def alignment_hits(alignment: torch.Tensor, concepts: list[str], objects: list[tuple[str, str]],
-                   regions: list[int | None]) -> list[bool]:
+def alignment_hits(
+    alignment: torch.Tensor, concepts: list[str], objects: list[tuple[str, str]], regions: list[int | None]
+) -> list[bool]:
     """One hit or miss per object: ``objects[o]`` is ``(color, shape)`` and ``regions[o]`` its
     region (a row of ``alignment`` [R, C]; ``None``: no region, a miss)."""
     hits = []
@@ -59,15 +60,16 @@ def chance_rate(concepts: list[str], color: str, shape: str) -> float:
 
 
 @torch.no_grad()
-def evaluate_alignment(run_dir: str | Path, jsonl_path: str | Path, *, regions: str | None = None, device="cpu",
-                       batch_size: int = 64) -> dict[str, Any]:
+def evaluate_alignment(
+    run_dir: str | Path, jsonl_path: str | Path, *, regions: str | None = None, device="cpu", batch_size: int = 64
+) -> dict[str, Any]:
     """Alignment accuracy of a graph-fusion run on a shapes JSONL file (see the module docstring),
     with ``chance`` (the accuracy of picking a caption concept at random for each region), the
     share of objects that got a region, and the graph iterations run (the most of any batch)."""
     from mmcli.data.batches import to_device
-    from mmcli.data.tokenize import Tokenize
     from mmcli.data.concepts import extract_concepts
     from mmcli.data.examples import Example, ExampleDataset, example_loader, input_boxes, read_shapes_jsonl
+    from mmcli.data.tokenize import Tokenize
     from mmcli.errors import MmcliError
     from mmcli.models.downstream import pair_inputs, uses_graph
     from mmcli.models.loading import load_model
@@ -77,8 +79,18 @@ def evaluate_alignment(run_dir: str | Path, jsonl_path: str | Path, *, regions: 
     if not uses_graph(model):
         raise MmcliError(f"alignment: {run_dir} has no region–concept graph (train it with fusion.strategy: graph)")
     records = read_shapes_jsonl(jsonl_path)
-    examples = [Example(r["id"], r["image"], r["caption"], "", "caption",
-                        tuple(tuple(o["box"]) for o in r.get("objects", [])), r["caption"]) for r in records]
+    examples = [
+        Example(
+            r["id"],
+            r["image"],
+            r["caption"],
+            "",
+            "caption",
+            tuple(tuple(o["box"]) for o in r.get("objects", [])),
+            r["caption"],
+        )
+        for r in records
+    ]
     dataset = ExampleDataset(examples, [], loaded.preprocess, Tokenize(loaded.tokenizer), concepts=True)
     model.eval()
     hits, chance, matched, iterations, converged = [], [], 0, 0, True
@@ -101,7 +113,13 @@ def evaluate_alignment(run_dir: str | Path, jsonl_path: str | Path, *, regions: 
             chance += [chance_rate(grounded, c, s) if f is not None else 0.0 for (c, s), f in zip(objects, found)]
             matched += sum(f is not None for f in found)
     n = max(len(hits), 1)
-    return {"accuracy": round(sum(hits) / n, 4), "n_objects": len(hits), "chance": round(sum(chance) / n, 4),
-            "objects_with_region": round(matched / n, 4),
-            "regions": regions or model.fusion.settings.get("regions", "given"), "iterations": iterations,
-            "max_iters": model.fusion.settings.get("max_iters"), "converged": converged}
+    return {
+        "accuracy": round(sum(hits) / n, 4),
+        "n_objects": len(hits),
+        "chance": round(sum(chance) / n, 4),
+        "objects_with_region": round(matched / n, 4),
+        "regions": regions or model.fusion.settings.get("regions", "given"),
+        "iterations": iterations,
+        "max_iters": model.fusion.settings.get("max_iters"),
+        "converged": converged,
+    }

@@ -7,17 +7,25 @@ and ``mmcli fuse``; predictions are also returned row by row for writing.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from mmcli.data.batches import to_device
-from mmcli.data.tokenize import Tokenize
+from mmcli.data.examples import (
+    Example,
+    ExampleDataset,
+    example_loader,
+    matching_examples,
+    question_examples,
+    read_shapes_jsonl,
+)
 from mmcli.data.masking import IGNORE_INDEX, mask_tokens
 from mmcli.data.shapes import COLORS, SHAPES
-from mmcli.data.examples import Example, ExampleDataset, example_loader, matching_examples, question_examples, read_shapes_jsonl
+from mmcli.data.tokenize import Tokenize
 from mmcli.errors import MmcliError
 from mmcli.evaluation.metrics import answer_accuracy
 
@@ -28,15 +36,17 @@ DEFAULT_WORD_GROUPS = {"color": list(COLORS), "shape": list(SHAPES)}
 def _loader(loaded, examples: list[Example], labels: list[str], batch_size: int, workers: int = 0):
     from mmcli.models.downstream import uses_graph
 
-    dataset = ExampleDataset(examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer),
-                             concepts=uses_graph(loaded.model))
+    dataset = ExampleDataset(
+        examples, labels, loaded.preprocess, Tokenize(loaded.tokenizer), concepts=uses_graph(loaded.model)
+    )
     return example_loader(dataset, batch_size=batch_size, train=False, seed=0, workers=workers)
 
 
 # -- VQA and ITM -------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(model, loader: Iterable[dict], examples: list[Example], labels: list[str], task: str,
-            device) -> tuple[list[dict[str, Any]], np.ndarray]:
+def predict(
+    model, loader: Iterable[dict], examples: list[Example], labels: list[str], task: str, device
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Prediction rows (id, question, type, answer, predicted, score) and the pooled fused
     features [N, dim] of ``examples`` (float32, in example order; undecodable images skipped)."""
     from mmcli.models.downstream import task_outputs
@@ -49,8 +59,16 @@ def predict(model, loader: Iterable[dict], examples: list[Example], labels: list
         score, top = probs.max(dim=-1)
         for i, s, t in zip(batch["index"].tolist(), score.tolist(), top.tolist()):
             e = examples[i]
-            rows.append({"id": e.id, "question": e.text, "type": e.type, "answer": e.label,
-                         "predicted": labels[t], "score": round(s, 6)})
+            rows.append(
+                {
+                    "id": e.id,
+                    "question": e.text,
+                    "type": e.type,
+                    "answer": e.label,
+                    "predicted": labels[t],
+                    "score": round(s, 6),
+                }
+            )
         features.append(fused.float().cpu().numpy())
     dim = getattr(model.fusion, "out_dim", 0)
     return rows, np.concatenate(features) if features else np.zeros((0, dim), np.float32)
@@ -78,14 +96,18 @@ def evaluate_vqa(run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", b
     return {"task": "vqa", "data": str(jsonl_path), **answer_accuracy(rows, loaded.meta.get("answer_prior"))}
 
 
-def evaluate_itm(run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+def evaluate_itm(
+    run_dir: str | Path, jsonl_path: str | Path, *, device="cpu", batch_size: int = 64, seed: int = 0
+) -> dict[str, Any]:
     """ITM accuracy of a run with a fusion encoder and an ITM head: each image with its caption
     and with another image's (different) caption, drawn from ``seed``; chance is 0.5."""
     from mmcli.models.downstream import ITM_LABELS
 
     loaded = _load(run_dir, device, ("fusion", "itm_head"))
     examples = matching_examples(read_shapes_jsonl(jsonl_path), seed)
-    rows, _ = predict(loaded.model, _loader(loaded, examples, ITM_LABELS, batch_size), examples, ITM_LABELS, "itm", device)
+    rows, _ = predict(
+        loaded.model, _loader(loaded, examples, ITM_LABELS, batch_size), examples, ITM_LABELS, "itm", device
+    )
     return {"task": "itm", "data": str(jsonl_path), **answer_accuracy(rows)}
 
 
@@ -123,9 +145,17 @@ def mask_words(tokens: torch.Tensor, word_ids: list[int], mask_id: int) -> tuple
 
 
 @torch.no_grad()
-def evaluate_mlm(run_dir: str | Path, jsonl_path: str | Path, *, image_conditioned: bool,
-                 word_groups: dict[str, list[str]] | None = None, device="cpu", batch_size: int = 64,
-                 prob: float = 0.15, seed: int = 0) -> dict[str, Any]:
+def evaluate_mlm(
+    run_dir: str | Path,
+    jsonl_path: str | Path,
+    *,
+    image_conditioned: bool,
+    word_groups: dict[str, list[str]] | None = None,
+    device="cpu",
+    batch_size: int = 64,
+    prob: float = 0.15,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Masked-token top-1 accuracy on the captions of a shapes JSONL file.
 
     For each word group (default: colours, shapes) every word of the group in a caption is
@@ -137,7 +167,9 @@ def evaluate_mlm(run_dir: str | Path, jsonl_path: str | Path, *, image_condition
 
     loaded = _load(run_dir, device, ("mlm_head", "fusion") if image_conditioned else ("mlm_head",))
     model = loaded.model
-    groups = {name: word_token_ids(loaded.tokenizer, words) for name, words in (word_groups or DEFAULT_WORD_GROUPS).items()}
+    groups = {
+        name: word_token_ids(loaded.tokenizer, words) for name, words in (word_groups or DEFAULT_WORD_GROUPS).items()
+    }
     records = read_shapes_jsonl(jsonl_path)
     examples = [Example(r["id"], r["image"], r["caption"], "", "caption") for r in records]
     generator = torch.Generator().manual_seed(seed)
@@ -147,13 +179,24 @@ def evaluate_mlm(run_dir: str | Path, jsonl_path: str | Path, *, image_condition
         tokens = model.encode_image_tokens(batch["images"].to(device))[1] if image_conditioned else None
         for name, ids in groups.items():
             _score(counts[name], model.mlm_logits(*mask_words(texts, ids, model.mask_token_id), tokens))
-        masked, labels = mask_tokens(texts.cpu(), mask_id=model.mask_token_id, vocab_size=model.mask_token_id,
-                                     special_ids=SPECIAL_IDS, prob=prob, generator=generator)
+        masked, labels = mask_tokens(
+            texts.cpu(),
+            mask_id=model.mask_token_id,
+            vocab_size=model.mask_token_id,
+            special_ids=SPECIAL_IDS,
+            prob=prob,
+            generator=generator,
+        )
         _score(counts["random"], model.mlm_logits(masked.to(device), labels.to(device), tokens))
     result = {name: _rate(counts[name]) for name in groups}
     overall = sum((counts[name] for name in groups), Counter())
-    return {"image_conditioned": image_conditioned, "data": str(jsonl_path), "groups": result,
-            "overall": _rate(overall), "random": {**_rate(counts["random"]), "prob": prob}}
+    return {
+        "image_conditioned": image_conditioned,
+        "data": str(jsonl_path),
+        "groups": result,
+        "overall": _rate(overall),
+        "random": {**_rate(counts["random"]), "prob": prob},
+    }
 
 
 def _score(counter: Counter, out) -> None:

@@ -6,16 +6,15 @@ CLIP_benchmark-style metrics (names as in CLIP_benchmark, so results can sit sid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-from mmcli.evaluation import metrics
 from mmcli.data.images import is_image_file
 from mmcli.data.sources import read_records, source_format
 from mmcli.errors import MmcliError
+from mmcli.evaluation import metrics
 from mmcli.spec import LabelledSourceSpec, LinearProbeTaskSpec, RetrievalTaskSpec, SourceSpec, ZeroShotTaskSpec
-
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -27,8 +26,9 @@ def read_labelled(spec: LabelledSourceSpec) -> tuple[list[str], list[str]]:
     path = Path(spec.path).expanduser()
     if spec.format == "folder" or (spec.format == "auto" and path.is_dir()):
         return _class_folders(path)
-    source = SourceSpec(path=spec.path, format=spec.format, image_key=spec.image_key, text_key=spec.label_key,
-                        separator=spec.separator)
+    source = SourceSpec(
+        path=spec.path, format=spec.format, image_key=spec.image_key, text_key=spec.label_key, separator=spec.separator
+    )
     records = read_records(source)
     # JSONL falls back to "caption" for a missing key: right for captions, wrong for labels.
     if source_format(source) == "jsonl" and spec.label_key not in records[0].meta:
@@ -51,8 +51,9 @@ def _class_folders(root: Path) -> tuple[list[str], list[str]]:
 
 def read_pairs(spec: RetrievalTaskSpec) -> tuple[list[str], list[str], np.ndarray]:
     """``(unique image paths, texts, text → image index)`` of an image–caption source."""
-    source = SourceSpec(path=spec.path, format=spec.format, image_key=spec.image_key, text_key=spec.text_key,
-                        separator=spec.separator)
+    source = SourceSpec(
+        path=spec.path, format=spec.format, image_key=spec.image_key, text_key=spec.text_key, separator=spec.separator
+    )
     images: dict[str, int] = {}
     texts, owner = [], []
     for record in read_records(source):
@@ -61,7 +62,7 @@ def read_pairs(spec: RetrievalTaskSpec) -> tuple[list[str], list[str], np.ndarra
     return list(images), texts, np.asarray(owner, dtype=np.int64)
 
 
-def class_index(labels: list[str], class_names: Optional[list[str]], where: str) -> tuple[list[str], np.ndarray]:
+def class_index(labels: list[str], class_names: list[str] | None, where: str) -> tuple[list[str], np.ndarray]:
     """``(class names, label ids)``; names default to the sorted distinct labels."""
     names = list(class_names) if class_names else sorted(set(labels))
     position = {name: i for i, name in enumerate(names)}
@@ -100,8 +101,9 @@ class Embedder:
         """``(embeddings of the usable images, mask of the usable ones)``."""
         from mmcli.retrieval.embedding import embed_images
 
-        emb, ok, bad = embed_images(self.loaded, paths, batch_size=self.batch_size, workers=self.workers,
-                                    device=self.device)
+        emb, ok, bad = embed_images(
+            self.loaded, paths, batch_size=self.batch_size, workers=self.workers, device=self.device
+        )
         self.skipped += bad
         return emb, ok
 
@@ -124,9 +126,16 @@ def zero_shot(embedder: Embedder, spec: ZeroShotTaskSpec, *, confusion_png: str)
     scores = metrics.zero_shot_accuracy(logits, y[ok], len(names))
     matrix = metrics.confusion_matrix(logits.argmax(1), y[ok], len(names))
     metrics.plot_confusion(matrix, names, confusion_png, title=f"zero-shot confusion ({Path(spec.path).name})")
-    return {"acc1": scores["top1"], "acc5": scores["top5"], "mean_per_class_recall": scores["mean_per_class_recall"],
-            "n": int(ok.sum()), "n_classes": len(names), "templates": len(templates_for(spec.templates)),
-            "skipped": int((~ok).sum()), "confusion_matrix": confusion_png}
+    return {
+        "acc1": scores["top1"],
+        "acc5": scores["top5"],
+        "mean_per_class_recall": scores["mean_per_class_recall"],
+        "n": int(ok.sum()),
+        "n_classes": len(names),
+        "templates": len(templates_for(spec.templates)),
+        "skipped": int((~ok).sum()),
+        "confusion_matrix": confusion_png,
+    }
 
 
 def retrieval(embedder: Embedder, spec: RetrievalTaskSpec) -> dict[str, Any]:

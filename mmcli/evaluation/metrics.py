@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 import string
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,10 @@ def retrieval_recall(
     owner = _labels(text_to_image, len(images), "text_to_image")
     if len(owner) != len(texts):
         raise ValueError(f"text_to_image has {len(owner)} entries for {len(texts)} texts")
-    ranks = {"image_to_text": _image_to_text_ranks(images, texts, owner, chunk),
-             "text_to_image": _text_to_image_ranks(images, texts, owner, chunk)}
+    ranks = {
+        "image_to_text": _image_to_text_ranks(images, texts, owner, chunk),
+        "text_to_image": _text_to_image_ranks(images, texts, owner, chunk),
+    }
     return {f"{direction}_R@{k}": float(np.mean(r < k)) for direction, r in ranks.items() for k in ks}
 
 
@@ -110,7 +113,7 @@ def _image_to_text_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarra
 # --------------------------------------------------------------------------------------------
 
 
-def class_scores(scores: Union[ArrayLike, tuple[ArrayLike, ArrayLike]]) -> np.ndarray:
+def class_scores(scores: ArrayLike | tuple[ArrayLike, ArrayLike]) -> np.ndarray:
     """N×C scores from logits, or from a pair (image_emb N×D, class_emb C×D) by dot product."""
     if isinstance(scores, tuple):
         images, classes = _float_matrix(scores[0], "image_emb"), _float_matrix(scores[1], "class_emb")
@@ -125,8 +128,8 @@ def true_class_rank(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def zero_shot_accuracy(
-    scores: Union[ArrayLike, tuple[ArrayLike, ArrayLike]], labels: ArrayLike, n_classes: int
-) -> dict[str, Optional[float]]:
+    scores: ArrayLike | tuple[ArrayLike, ArrayLike], labels: ArrayLike, n_classes: int
+) -> dict[str, float | None]:
     """Top-1, top-5 and mean per-class recall of zero-shot classification.
 
     ``scores`` are logits N×C, or ``(image_emb N×D, class_emb C×D)`` (class_emb: the text
@@ -139,10 +142,12 @@ def zero_shot_accuracy(
     if logits.shape != (len(labels), n_classes):
         raise ValueError(f"scores must be {len(labels)}×{n_classes}, got {logits.shape}")
     rank = true_class_rank(logits, labels)
-    return {"top1": float(np.mean(rank < 1)),
-            "top5": float(np.mean(rank < 5)) if n_classes >= 5 else None,
-            "mean_per_class_recall": mean_per_class_recall(rank < 1, labels),
-            "n": len(labels)}
+    return {
+        "top1": float(np.mean(rank < 1)),
+        "top5": float(np.mean(rank < 5)) if n_classes >= 5 else None,
+        "mean_per_class_recall": mean_per_class_recall(rank < 1, labels),
+        "n": len(labels),
+    }
 
 
 def mean_per_class_recall(hits: ArrayLike, labels: ArrayLike) -> float:
@@ -160,7 +165,7 @@ def confusion_matrix(pred: ArrayLike, labels: ArrayLike, n_classes: int) -> np.n
     return np.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def plot_confusion(matrix: ArrayLike, class_names: Sequence[str], path: Union[str, Path], *, title: str = "") -> Path:
+def plot_confusion(matrix: ArrayLike, class_names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Save ``matrix`` (C×C counts) as a PNG heat map coloured by recall (row-normalised).
 
     Counts are written in the cells up to 30 classes; the figure grows with C so that the
@@ -206,7 +211,7 @@ def _annotate_counts(ax, counts: np.ndarray, recall: np.ndarray, fontsize: int) 
 # --------------------------------------------------------------------------------------------
 
 
-def sample_shots(labels: ArrayLike, k: Optional[int], *, seed: int) -> np.ndarray:
+def sample_shots(labels: ArrayLike, k: int | None, *, seed: int) -> np.ndarray:
     """Sorted indices of ``k`` examples per class (all of a class that has fewer; k=None: all).
 
     Each class's examples are shuffled once per seed and the first k taken, so with one seed
@@ -227,11 +232,11 @@ def linear_probe(
     test_y: ArrayLike,
     *,
     n_classes: int,
-    shots: Sequence[Optional[int]] = (1, 2, 4, 8, 16, None),
+    shots: Sequence[int | None] = (1, 2, 4, 8, 16, None),
     seed: int = 0,
     steps: int = 200,
     weight_decay: float = 1e-3,
-) -> dict[Optional[int], float]:
+) -> dict[int | None, float]:
     """Test accuracy of a logistic regression on frozen features, for each few-shot size.
 
     ``train_x`` N×D, ``train_y`` N ints, ``test_x`` M×D, ``test_y`` M ints. For each ``k`` in
@@ -294,7 +299,7 @@ def normalize_answer(answer: str) -> str:
     return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def answer_accuracy(rows: list[dict[str, Any]], prior: Optional[dict[str, dict[str, int]]] = None) -> dict[str, Any]:
+def answer_accuracy(rows: list[dict[str, Any]], prior: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
     """Accuracy of predicted answers (VQA, or ITM's yes/no), overall and per question type.
 
     ``rows`` hold ``answer``, ``predicted`` and ``type``; answers are compared after

@@ -96,16 +96,22 @@ def _itm(ctx: EvalContext, spec) -> dict[str, Any]:
 def _mlm(ctx: EvalContext, spec) -> dict[str, Any]:
     from mmcli.evaluation.fusion import evaluate_mlm
 
-    raw = evaluate_mlm(_run_folder(ctx, "mlm"), spec.path, image_conditioned=spec.image_conditioned,
-                       device=ctx.device, batch_size=ctx.batch_size)
+    raw = evaluate_mlm(
+        _run_folder(ctx, "mlm"),
+        spec.path,
+        image_conditioned=spec.image_conditioned,
+        device=ctx.device,
+        batch_size=ctx.batch_size,
+    )
     return _fused_metrics(raw)
 
 
 def _alignment(ctx: EvalContext, spec) -> dict[str, Any]:
     from mmcli.evaluation.alignment import evaluate_alignment
 
-    raw = evaluate_alignment(_run_folder(ctx, "alignment"), spec.path, regions=spec.regions, device=ctx.device,
-                             batch_size=ctx.batch_size)
+    raw = evaluate_alignment(
+        _run_folder(ctx, "alignment"), spec.path, regions=spec.regions, device=ctx.device, batch_size=ctx.batch_size
+    )
     return _fused_metrics(raw)
 
 

@@ -6,7 +6,7 @@ every template filled with the class name (``open_clip.build_zero_shot_classifie
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -14,10 +14,10 @@ SHAPES_TEMPLATES = ("a {}",)
 """The built-in dataset's prompt: its captions read "a red circle left of a blue square", so a
 one-object caption is exactly "a red circle"; any other wording is out of its vocabulary."""
 
-Template = Union[str, Callable[[str], str]]
+Template = str | Callable[[str], str]
 
 
-def templates_for(name_or_list: Union[str, Sequence[str]]) -> list[Template]:
+def templates_for(name_or_list: str | Sequence[str]) -> list[Template]:
     """The templates named ``shapes``, ``imagenet`` (CLIP's 80) or ``simple``, or the list given."""
     if not isinstance(name_or_list, str):
         return list(name_or_list)
@@ -37,6 +37,7 @@ def class_embeddings(loaded, class_names: Sequence[str], templates: Sequence[Tem
     from open_clip import build_zero_shot_classifier
 
     with torch.inference_mode():
-        weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, list(class_names), list(templates),
-                                             num_classes_per_batch=10, device=device)
+        weights = build_zero_shot_classifier(
+            loaded.model, loaded.tokenizer, list(class_names), list(templates), num_classes_per_batch=10, device=device
+        )
     return weights.T.float().cpu().numpy()

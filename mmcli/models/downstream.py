@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from mmcli.errors import MmcliError
-from mmcli.models.multimodal import MultimodalModel, fusion_config
 from mmcli.models.constants import OPEN_CLIP_PAD_ID
+from mmcli.models.multimodal import MultimodalModel, fusion_config
 
 ITM_LABELS = ["no", "yes"]
 """ITM classes in the order of :class:`~mmcli.models.heads.ITMHead`'s logits (1 = matching)."""
@@ -83,9 +83,13 @@ def task_outputs(model: MultimodalModel, batch: dict, task: str) -> tuple[torch.
 def caption_inputs(model: MultimodalModel, inputs: dict, batch: dict) -> dict:
     """Fusion inputs of the batch's images with their own captions (and the captions' concepts)."""
     captions = batch["captions"]
-    own = {"text_tokens": model.text_states(captions), "text_mask": captions != OPEN_CLIP_PAD_ID,
-           "concept_spans": batch["caption_spans"], "concept_mask": batch["caption_concept_mask"],
-           "concept_grounded": batch["caption_concept_grounded"]}
+    own = {
+        "text_tokens": model.text_states(captions),
+        "text_mask": captions != OPEN_CLIP_PAD_ID,
+        "concept_spans": batch["caption_spans"],
+        "concept_mask": batch["caption_concept_mask"],
+        "concept_grounded": batch["caption_concept_grounded"],
+    }
     if model.needs_local_features:
         own["text_embeddings"] = model.token_embeddings(captions)
     return {**inputs, **own}

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import open_clip
 import torch
@@ -97,7 +98,9 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
         with _quiet_open_clip():
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 arch,
-                pretrained=str(Path(pretrained).expanduser()) if pretrained and _is_local_file(pretrained) else pretrained,
+                pretrained=str(Path(pretrained).expanduser())
+                if pretrained and _is_local_file(pretrained)
+                else pretrained,
                 device=device,
                 weights_only=True,
             )

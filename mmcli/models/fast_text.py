@@ -21,8 +21,17 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_TEXT_KEYS = {
-    "context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type", "eos_id",
-    "proj_bias", "no_causal_mask", "pad_id",
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "mlp_ratio",
+    "pool_type",
+    "eos_id",
+    "proj_bias",
+    "no_causal_mask",
+    "pad_id",
 }
 
 
@@ -82,8 +91,11 @@ class FastTextEncoder:
         a = a.transpose(1, 2).reshape(b, n, d)
         x = x + F.linear(a, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
         h = F.layer_norm(x, x.shape[-1:], w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        h = F.linear(self._act(F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])),
-                     w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        h = F.linear(
+            self._act(F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])),
+            w[p + "mlp.c_proj.weight"],
+            w[p + "mlp.c_proj.bias"],
+        )
         return x + h
 
     @torch.no_grad()

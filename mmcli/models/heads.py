@@ -113,8 +113,9 @@ class MIMHead(nn.Module):
         self.attend = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, image_dim))
 
-    def forward(self, patch_tokens: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor,
-                patch_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, patch_tokens: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor, patch_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Predictions [M, image_dim] for the M True positions of ``patch_mask`` [B, N], row-major."""
         query = self.query_norm(self.query_in(patch_tokens))
         read = self.attend(query, fused_text, fused_text, key_padding_mask=~text_mask, need_weights=False)[0]

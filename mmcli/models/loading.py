@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,8 +63,12 @@ def _load_run(run_dir: Path, device) -> LoadedModel:
     model = MultimodalModel.from_modules(clip, meta.get("modules", {}))
     load_weights_into(run_dir, model)
     return LoadedModel(
-        model=model.to(device), preprocess=preprocess, tokenizer=tokenizer, ref=str(run_dir.resolve()),
-        arch=meta.get("arch", "?"), checksum=meta.get("checksum") or io.file_checksum(run_dir / io.OPEN_CLIP_WEIGHTS),
+        model=model.to(device),
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        ref=str(run_dir.resolve()),
+        arch=meta.get("arch", "?"),
+        checksum=meta.get("checksum") or io.file_checksum(run_dir / io.OPEN_CLIP_WEIGHTS),
         meta=meta,
     )
 
@@ -84,6 +89,11 @@ def _load_arch(ref: str, device) -> LoadedModel:
     else:  # a hub tag names fixed published weights
         checksum = "sha256:" + hashlib.sha256(f"{arch}:{pretrained}".encode()).hexdigest()
     return LoadedModel(
-        model=MultimodalModel(encoder.model).to(device), preprocess=encoder.preprocess_val, tokenizer=encoder.tokenizer,
-        ref=ref, arch=arch, checksum=checksum, meta={},
+        model=MultimodalModel(encoder.model).to(device),
+        preprocess=encoder.preprocess_val,
+        tokenizer=encoder.tokenizer,
+        ref=ref,
+        arch=arch,
+        checksum=checksum,
+        meta={},
     )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli.models.constants import MAX_LOGIT_SCALE, OPEN_CLIP_PAD_ID, OPEN_CLIP_VOCAB_SIZE
 from mmcli.models.fusion import build_fusion
 from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MIMHead, MLMHead
-from mmcli.models.constants import MAX_LOGIT_SCALE, OPEN_CLIP_PAD_ID, OPEN_CLIP_VOCAB_SIZE
 from mmcli.models.text import add_mask_token, text_token_states
 from mmcli.spec.choices import FUSION_OBJECTIVES
 
@@ -50,7 +50,7 @@ class MultimodalModel(nn.Module):
         self.needs_local_features = bool(fusion and fusion.get("graph", {}).get("local_features", False))
 
     @classmethod
-    def from_modules(cls, clip: nn.Module, modules: dict) -> "MultimodalModel":
+    def from_modules(cls, clip: nn.Module, modules: dict) -> MultimodalModel:
         """Rebuild a model with the extra modules a run folder's ``mmcli.json`` lists."""
         return cls(clip, modules)
 
@@ -132,8 +132,13 @@ class MultimodalModel(nn.Module):
         else:
             pooled, tokens = self.encode_image_tokens(images)
         return self.fusion_inputs(
-            texts, self.text_states(texts), image_tokens=tokens, image_patches=patches, text_embeddings=words,
-            image_pooled=F.normalize(pooled, dim=-1), text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1),
+            texts,
+            self.text_states(texts),
+            image_tokens=tokens,
+            image_patches=patches,
+            text_embeddings=words,
+            image_pooled=F.normalize(pooled, dim=-1),
+            text_pooled=F.normalize(self.clip.encode_text(texts), dim=-1),
             **regions,
         )
 
@@ -142,7 +147,9 @@ class MultimodalModel(nn.Module):
         before any attention mixes in its context."""
         return self.clip.token_embedding(texts)
 
-    def mlm_logits(self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> MaskedLogits:
+    def mlm_logits(
+        self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None
+    ) -> MaskedLogits:
         """MLM logits at the labelled positions of ``masked`` texts: from the text tower alone,
         or, given ``image_tokens``, after the fusion encoder let the text read the image."""
         states = self.text_states(masked)
@@ -188,8 +195,13 @@ def _vqa_head(model: MultimodalModel, cfg: dict) -> None:
 
 
 _BUILDERS = {
-    "mask_token": _mask_token, "fusion": _fusion, "mlm_head": _mlm_head, "mmlm_proj": _mmlm_proj,
-    "itm_head": _itm_head, "mim_head": _mim_head, "vqa_head": _vqa_head,
+    "mask_token": _mask_token,
+    "fusion": _fusion,
+    "mlm_head": _mlm_head,
+    "mmlm_proj": _mmlm_proj,
+    "itm_head": _itm_head,
+    "mim_head": _mim_head,
+    "vqa_head": _vqa_head,
 }
 
 
@@ -214,18 +226,31 @@ def fusion_config(spec, clip: nn.Module) -> dict[str, Any]:
     dims = tower_dims(clip)
     dim = spec.dim or dims["text_dim"]
     if spec.strategy == "late":
-        return {"strategy": "late", "dim": dim, "text_pooled_dim": dims["text_pooled_dim"],
-                "image_pooled_dim": dims["image_pooled_dim"], "mode": spec.late_mode}
+        return {
+            "strategy": "late",
+            "dim": dim,
+            "text_pooled_dim": dims["text_pooled_dim"],
+            "image_pooled_dim": dims["image_pooled_dim"],
+            "mode": spec.late_mode,
+        }
     if dim % spec.heads:
         raise MmcliError(f"fusion.heads: the fusion width {dim} is not divisible by {spec.heads} heads")
-    cfg = {"strategy": spec.strategy, "dim": dim, "depth": spec.depth, "heads": spec.heads,
-           "image_dim": dims["image_dim"], "text_dim": dims["text_dim"], "mlp_ratio": spec.mlp_ratio,
-           "dropout": spec.dropout}
+    cfg = {
+        "strategy": spec.strategy,
+        "dim": dim,
+        "depth": spec.depth,
+        "heads": spec.heads,
+        "image_dim": dims["image_dim"],
+        "text_dim": dims["text_dim"],
+        "mlp_ratio": spec.mlp_ratio,
+        "dropout": spec.dropout,
+    }
     if spec.strategy == "cross_attention":
         cfg["pool"] = spec.pool
     if spec.strategy == "hybrid":
-        cfg.update(text_pooled_dim=dims["text_pooled_dim"], image_pooled_dim=dims["image_pooled_dim"],
-                   late_mode=spec.late_mode)
+        cfg.update(
+            text_pooled_dim=dims["text_pooled_dim"], image_pooled_dim=dims["image_pooled_dim"], late_mode=spec.late_mode
+        )
     return cfg
 
 
@@ -242,17 +267,29 @@ def graph_fusion_config(spec, graph, clip: nn.Module) -> dict[str, Any]:
     if spec.strategy != "graph":
         inner = fusion_config(spec.model_copy(update={"graph": None}), clip)
     if graph.local_features and not hasattr(clip.visual, "conv1"):
-        raise MmcliError("fusion.graph.local_features: the image tower is not a ViT with patch embeddings; set it to false")
+        raise MmcliError(
+            "fusion.graph.local_features: the image tower is not a ViT with patch embeddings; set it to false"
+        )
     size = clip.visual.image_size
-    return {"strategy": "graph", "dim": dim, "image_dim": dims["image_dim"], "text_dim": dims["text_dim"],
-            "text_pooled_dim": dims["text_pooled_dim"], "image_pooled_dim": dims["image_pooled_dim"],
-            "image_size": size if isinstance(size, int) else list(size), "graph": graph.model_dump(), "inner": inner}
+    return {
+        "strategy": "graph",
+        "dim": dim,
+        "image_dim": dims["image_dim"],
+        "text_dim": dims["text_dim"],
+        "text_pooled_dim": dims["text_pooled_dim"],
+        "image_pooled_dim": dims["image_pooled_dim"],
+        "image_size": size if isinstance(size, int) else list(size),
+        "graph": graph.model_dump(),
+        "inner": inner,
+    }
 
 
 def mask_token_config(clip: nn.Module) -> dict[str, Any]:
     """The ``mask_token`` and ``mlm_head`` entries: [MASK] is one past the tokenizer's last id."""
-    return {"mask_token": {"id": OPEN_CLIP_VOCAB_SIZE},
-            "mlm_head": {"width": tower_dims(clip)["text_dim"], "vocab_size": OPEN_CLIP_VOCAB_SIZE + 1}}
+    return {
+        "mask_token": {"id": OPEN_CLIP_VOCAB_SIZE},
+        "mlm_head": {"width": tower_dims(clip)["text_dim"], "vocab_size": OPEN_CLIP_VOCAB_SIZE + 1},
+    }
 
 
 def pretrain_modules(clip: nn.Module, objectives: dict[str, Any], fusion) -> dict[str, Any]:

@@ -10,21 +10,20 @@ each batch comes back as ``(keys, embeddings, bad)`` so that a caller can stream
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmcli.io import IMAGE_SUFFIXES, TEXT_SUFFIXES, WEBDATASET_IMAGE_KEYS
 from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage, is_image_file, load_image
 from mmcli.data.sources import read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, IMAGE_SUFFIXES, TEXT_SUFFIXES, WEBDATASET_IMAGE_KEYS
 from mmcli.spec import SourceSpec
-from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
-
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,8 @@ class Inputs:
     format: str
     modality: str
     root: str
-    items: Optional[list[Item]] = None
-    urls: Optional[list[str]] = None
+    items: list[Item] | None = None
+    urls: list[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,8 +60,9 @@ def input_format(path: str) -> str:
     return source_format(SourceSpec(path=path))
 
 
-def resolve_inputs(path: str, modality: str = "auto", *, image_key: str = DEFAULT_IMAGE_KEY,
-                   text_key: str = DEFAULT_TEXT_KEY) -> Inputs:
+def resolve_inputs(
+    path: str, modality: str = "auto", *, image_key: str = DEFAULT_IMAGE_KEY, text_key: str = DEFAULT_TEXT_KEY
+) -> Inputs:
     """The items (or shards) of ``path`` for ``modality`` (``auto``, ``image`` or ``text``).
 
     ``auto`` embeds images, except for a text file. Keys are unique: relative paths for images
@@ -81,8 +81,9 @@ def resolve_inputs(path: str, modality: str = "auto", *, image_key: str = DEFAUL
         root = Path(path).expanduser().resolve()
         return Inputs(fmt, modality, str(root), items=folder_items(root))
     if fmt == "webdataset":
-        return Inputs(fmt, modality, str(Path(path).expanduser().resolve()),
-                      urls=webdataset_urls(SourceSpec(path=path)))
+        return Inputs(
+            fmt, modality, str(Path(path).expanduser().resolve()), urls=webdataset_urls(SourceSpec(path=path))
+        )
     spec = SourceSpec(path=path, format=fmt, image_key=image_key, text_key=text_key)
     root = Path(path).expanduser().resolve().parent
     return Inputs(fmt, modality, str(root), items=dataset_items(spec, root, modality))
@@ -131,14 +132,20 @@ class ImageItems(Dataset):
     """Map-style dataset: ``(key, pixels or None, reason)``; an unusable image gives ``None``
     and why, never an exception, so one broken file cannot stop a run."""
 
-    def __init__(self, items: list[Item], preprocess: Callable, *, draft: Optional[tuple[int, int]],
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        items: list[Item],
+        preprocess: Callable,
+        *,
+        draft: tuple[int, int] | None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.items, self.preprocess, self.draft, self.max_pixels = items, preprocess, draft, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[str, Optional[torch.Tensor], str]:
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
         item = self.items[index]
         return decode(item.key, item.source, self.preprocess, self.draft, self.max_pixels)
 
@@ -159,8 +166,9 @@ class ShardImages(IterableDataset):
 
     Each DataLoader worker reads every ``workers``-th shard; ``done`` keys are not decoded."""
 
-    def __init__(self, urls: list[str], preprocess: Callable, *, draft, done: set[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self, urls: list[str], preprocess: Callable, *, draft, done: set[str], max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
         self.urls, self.preprocess, self.draft, self.done, self.max_pixels = urls, preprocess, draft, done, max_pixels
 
     def __iter__(self):
@@ -181,15 +189,17 @@ class ShardImages(IterableDataset):
                     yield decode(key, data, self.preprocess, self.draft, self.max_pixels)
 
 
-def collate_items(batch: list[tuple[str, Optional[torch.Tensor], str]]) -> dict[str, Any]:
+def collate_items(batch: list[tuple[str, torch.Tensor | None, str]]) -> dict[str, Any]:
     """Stack the decoded images of a batch; list the undecodable ones as ``(key, reason)``."""
     good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
-    return {"keys": [key for key, _ in good],
-            "pixels": torch.stack([p for _, p in good]) if good else None,
-            "bad": [(key, reason) for key, pixels, reason in batch if pixels is None]}
+    return {
+        "keys": [key for key, _ in good],
+        "pixels": torch.stack([p for _, p in good]) if good else None,
+        "bad": [(key, reason) for key, pixels, reason in batch if pixels is None],
+    }
 
 
-def draft_size(preprocess: Callable) -> Optional[tuple[int, int]]:
+def draft_size(preprocess: Callable) -> tuple[int, int] | None:
     """The smallest decode size that loses nothing for ``preprocess``: its output side.
 
     open_clip's evaluation transform resizes the shorter side to the model's input size, so a
@@ -214,9 +224,16 @@ Batch = tuple[list[str], np.ndarray, list[tuple[str, str]]]
 
 def image_loader(dataset: Dataset, *, batch_size: int, workers: int) -> DataLoader:
     """A DataLoader over an image dataset of this module, in order (resuming relies on it)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_items, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_items,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 @torch.inference_mode()
@@ -232,8 +249,9 @@ def encode_image_batches(model, loader: Iterable[dict[str, Any]], device: torch.
 
 
 @torch.inference_mode()
-def encode_text_batches(model, tokenizer: Callable, items: list[Item], *, batch_size: int,
-                        device: torch.device) -> Iterator[Batch]:
+def encode_text_batches(
+    model, tokenizer: Callable, items: list[Item], *, batch_size: int, device: torch.device
+) -> Iterator[Batch]:
     """``(keys, embeddings, [])`` per batch of texts; texts never fail (long ones are truncated
     to the model's context, as open_clip's tokenizer does)."""
     for start in range(0, len(items), batch_size):
@@ -256,8 +274,9 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def embed_images(loaded, paths: list[str], *, batch_size: int, workers: int, device: torch.device,
-                 draft: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def embed_images(
+    loaded, paths: list[str], *, batch_size: int, workers: int, device: torch.device, draft: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Embed the image files ``paths`` in memory: ``(embeddings [n_ok, D], ok mask [n], bad)``.
 
     Used by ``mmcli eval``; ``bad`` lists ``(path, reason)`` of the images left out.
@@ -265,8 +284,9 @@ def embed_images(loaded, paths: list[str], *, batch_size: int, workers: int, dev
     items = [Item(str(i), p) for i, p in enumerate(paths)]
     dataset = ImageItems(items, loaded.preprocess, draft=draft_size(loaded.preprocess) if draft else None)
     rows, ok, bad = [], np.zeros(len(paths), dtype=bool), []
-    for keys, emb, failed in encode_image_batches(loaded.model, image_loader(dataset, batch_size=batch_size,
-                                                                             workers=workers), device):
+    for keys, emb, failed in encode_image_batches(
+        loaded.model, image_loader(dataset, batch_size=batch_size, workers=workers), device
+    ):
         if keys:
             rows.append(emb)
             ok[[int(k) for k in keys]] = True
@@ -278,6 +298,10 @@ def embed_images(loaded, paths: list[str], *, batch_size: int, workers: int, dev
 def embed_texts(loaded, texts: list[str], *, batch_size: int, device: torch.device) -> np.ndarray:
     """Embed ``texts`` in memory: float32 [n, D], L2-normalised."""
     items = [Item(str(i), t) for i, t in enumerate(texts)]
-    rows = [emb for _, emb, _ in encode_text_batches(loaded.model, loaded.tokenizer, items,
-                                                      batch_size=batch_size, device=device)]
+    rows = [
+        emb
+        for _, emb, _ in encode_text_batches(
+            loaded.model, loaded.tokenizer, items, batch_size=batch_size, device=device
+        )
+    ]
     return np.concatenate(rows)

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +52,6 @@ _HNSW_M, _HNSW_EF_CONSTRUCTION = 32, 80
 _FINGERPRINT_BYTES = 1 << 20
 
 
-
 @dataclass
 class FaissIndex:
     """A FAISS index over an :class:`Index`, with how it was made.
@@ -66,9 +65,9 @@ class FaissIndex:
     index: Any
     kind: str
     params: dict
-    recall_at_10: Optional[float]
+    recall_at_10: float | None
     held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    path: Optional[str] = None
+    path: str | None = None
     built: bool = True
     build_seconds: float = 0.0
 
@@ -89,7 +88,7 @@ def choose_faiss_kind(count: int) -> str:
 
 
 def build_faiss(
-    index: Index, *, kind: str = "auto", path: Optional[str] = None, tune_queries: Optional[np.ndarray] = None
+    index: Index, *, kind: str = "auto", path: str | None = None, tune_queries: np.ndarray | None = None
 ) -> FaissIndex:
     """Build a FAISS index over ``index``, tune its search parameter, and save it at ``path``.
 
@@ -117,7 +116,7 @@ def build_faiss(
 
 
 def load_or_build_faiss(
-    index: Index, *, kind: str = "auto", path: Optional[str] = None, tune_queries: Optional[np.ndarray] = None
+    index: Index, *, kind: str = "auto", path: str | None = None, tune_queries: np.ndarray | None = None
 ) -> FaissIndex:
     """The FAISS index saved next to ``index`` if it is of ``kind`` and fresh, else a new one.
 
@@ -214,7 +213,7 @@ def _exact_ids_without(embeddings: Embeddings, queries: np.ndarray, k: int, excl
     return np.stack([row[~np.isin(row, excluded)][:k] for row in ids]) if len(ids) else ids[:, :k]
 
 
-def _search_ladder(kind: str, params: dict) -> list[Optional[int]]:
+def _search_ladder(kind: str, params: dict) -> list[int | None]:
     """Search-parameter values to try, cheapest first (None: the kind has no such parameter)."""
     if kind == "hnsw":
         return [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
@@ -224,7 +223,7 @@ def _search_ladder(kind: str, params: dict) -> list[Optional[int]]:
     return [None]
 
 
-def _set_search_param(faiss, fi, kind: str, value: Optional[int]) -> dict:
+def _set_search_param(faiss, fi, kind: str, value: int | None) -> dict:
     if kind == "hnsw":
         fi.hnsw.efSearch = value
         return {"efSearch": value}
@@ -234,8 +233,7 @@ def _set_search_param(faiss, fi, kind: str, value: Optional[int]) -> dict:
     return {}
 
 
-def _tune_search(faiss, fi, kind: str, params: dict, queries: np.ndarray, exact_ids: np.ndarray,
-                 held_out: np.ndarray):
+def _tune_search(faiss, fi, kind: str, params: dict, queries: np.ndarray, exact_ids: np.ndarray, held_out: np.ndarray):
     """The cheapest search parameter reaching the tuning recall (else the largest tried)."""
     k, count = exact_ids.shape[1], int(fi.ntotal) + len(held_out)
     for value in _search_ladder(kind, params):
@@ -264,22 +262,38 @@ def _fingerprint(index: Index) -> str:
 def _save_faiss(faiss, fi: FaissIndex, index: Index) -> None:
     try:
         atomic_write(fi.path, lambda tmp: faiss.write_index(fi.index, str(tmp)))
-        atomic_write_json(fi.path + ".json", {
-            "format": "mmcli-faiss", "version": VERSION, "kind": fi.kind, "params": fi.params,
-            "recall_at_10": fi.recall_at_10, "count": len(index), "fingerprint": _fingerprint(index),
-            "held_out": fi.held_out.tolist(), "build_seconds": round(fi.build_seconds, 3)}, indent=None)
+        atomic_write_json(
+            fi.path + ".json",
+            {
+                "format": "mmcli-faiss",
+                "version": VERSION,
+                "kind": fi.kind,
+                "params": fi.params,
+                "recall_at_10": fi.recall_at_10,
+                "count": len(index),
+                "fingerprint": _fingerprint(index),
+                "held_out": fi.held_out.tolist(),
+                "build_seconds": round(fi.build_seconds, 3),
+            },
+            indent=None,
+        )
     except (OSError, RuntimeError) as exc:
         raise MmcliError(f"cannot write the FAISS index {fi.path}: {exc}") from exc
 
 
-def _load_faiss(path: str, index: Index, kind: str) -> Optional[FaissIndex]:
+def _load_faiss(path: str, index: Index, kind: str) -> FaissIndex | None:
     try:
         with open(path + ".json", encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return None  # no usable description: a cache miss, not an error
-    fresh = (saved.get("format") == "mmcli-faiss" and saved.get("version") == VERSION and saved.get("kind") == kind
-             and saved.get("count") == len(index) and saved.get("fingerprint") == _fingerprint(index))
+    fresh = (
+        saved.get("format") == "mmcli-faiss"
+        and saved.get("version") == VERSION
+        and saved.get("kind") == kind
+        and saved.get("count") == len(index)
+        and saved.get("fingerprint") == _fingerprint(index)
+    )
     if not fresh or not os.path.exists(path):
         return None
     faiss = _import_faiss()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mmcli.errors import MmcliError
 from mmcli.io import IMAGE_SUFFIXES, MMCLI_META
@@ -30,7 +30,7 @@ class QueryEncoder:
     the sidecar's: hashing the weights on every query would cost more than the search.
     """
 
-    def __init__(self, index: ix.Index, *, model_ref: Optional[str], device: str):
+    def __init__(self, index: ix.Index, *, model_ref: str | None, device: str):
         self.index, self.device = index, device
         self.expected = index.meta["model"]
         self.ref = model_ref or self.expected.get("ref")
@@ -39,8 +39,10 @@ class QueryEncoder:
         if self.run_dir is not None:
             self._check_checksum(_run_checksum(self.run_dir), where=str(self.run_dir / MMCLI_META))
         elif Path(self.ref).is_dir() or (Path(self.ref).is_absolute() and not Path(self.ref).exists()):
-            raise MmcliError(f"{ix.sidecar_path(index.path)}: the model {self.ref} is not an mmcli run folder "
-                             "(moved or deleted?); pass --model with the run folder that made the index")
+            raise MmcliError(
+                f"{ix.sidecar_path(index.path)}: the model {self.ref} is not an mmcli run folder "
+                "(moved or deleted?); pass --model with the run folder that made the index"
+            )
 
     def encode(self, queries: list[tuple[str, bool]]):
         """L2-normalised float32 rows, one per ``(query, is_image)``."""
@@ -57,8 +59,9 @@ class QueryEncoder:
                 rows[n] = self._encode_image(q)
         out = np.stack([rows[n] for n in range(len(queries))]).astype(np.float32)
         if out.shape[1] != self.index.dim:
-            raise MmcliError(f"{self.ref}: the model embeds in {out.shape[1]} dimensions but {self.index.path} "
-                             f"has {self.index.dim}")
+            raise MmcliError(
+                f"{self.ref}: the model embeds in {out.shape[1]} dimensions but {self.index.path} has {self.index.dim}"
+            )
         return out
 
     def _encode_texts(self, texts: list[str]):
@@ -105,20 +108,22 @@ class QueryEncoder:
 
         return resolve_device(self.device)
 
-    def _check_checksum(self, found: Optional[str], *, where: str) -> None:
+    def _check_checksum(self, found: str | None, *, where: str) -> None:
         wanted = self.expected.get("checksum")
         if found != wanted:
-            raise MmcliError(f"{where}: model checksum {_short(found)} differs from {_short(wanted)} recorded in "
-                             f"{ix.sidecar_path(self.index.path)}; the index was made with another model "
-                             "(re-run embed, or pass --model with the run that made it)")
+            raise MmcliError(
+                f"{where}: model checksum {_short(found)} differs from {_short(wanted)} recorded in "
+                f"{ix.sidecar_path(self.index.path)}; the index was made with another model "
+                "(re-run embed, or pass --model with the run that made it)"
+            )
 
 
-def _run_checksum(run_dir: Path) -> Optional[str]:
+def _run_checksum(run_dir: Path) -> str | None:
     try:
         return json.loads((run_dir / MMCLI_META).read_text(encoding="utf-8")).get("checksum")
     except (OSError, ValueError) as exc:
         raise MmcliError(f"{run_dir / MMCLI_META}: unreadable ({exc})") from None
 
 
-def _short(checksum: Optional[str]) -> str:
+def _short(checksum: str | None) -> str:
     return "none" if not checksum else checksum[:19] + "…"

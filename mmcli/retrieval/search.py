@@ -33,8 +33,14 @@ class _Faiss:
 
     def describe(self) -> dict[str, Any]:
         """What ran, for the results (the build's recall check, ``built`` when it was just built)."""
-        return {"method": f"faiss {self.fi.kind}", "params": self.fi.params, "recall_at_10": self.fi.recall_at_10,
-                "built": self.fi.built, "build_seconds": round(self.fi.build_seconds, 1), "path": self.fi.path}
+        return {
+            "method": f"faiss {self.fi.kind}",
+            "params": self.fi.params,
+            "recall_at_10": self.fi.recall_at_10,
+            "built": self.fi.built,
+            "build_seconds": round(self.fi.build_seconds, 1),
+            "path": self.fi.path,
+        }
 
 
 def make_searcher(index: ix.Index, use_faiss: bool):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from mmcli.spec.base import Section
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
+from mmcli.spec.base import Section
 from mmcli.spec.choices import PRECISIONS, SOURCE_FORMATS, literal
-
 
 # --------------------------------------------------------------------------------------------
 # model
@@ -23,11 +22,11 @@ class ModelSpec(Section):
     """An ``open_clip.list_models()`` name (``ViT-B-32``), an mmcli preset (``mmcli-tiny``,
     ``mmcli-small``), or a free name when ``config`` is given."""
 
-    config: Optional[dict[str, Any]] = None
+    config: dict[str, Any] | None = None
     """An inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``); registered
     under ``arch`` before the model is built."""
 
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """Initial weights: a local file (``.safetensors``, or ``.bin``/``.pt`` read with
     ``weights_only=True``), an open_clip tag (``laion2b_s34b_b79k``) or an ``hf-hub:`` id. Tags
     and hub ids need the network; offline, the error says what to download and where."""
@@ -53,7 +52,7 @@ class FileSourceSpec(Section):
     """Column (CSV/TSV) or key (JSONL, falling back to ``image``) holding the image path; for
     webdataset, the image extensions tried in order are ``jpg;jpeg;png;webp``."""
 
-    separator: Optional[str] = None
+    separator: str | None = None
     """Column separator for CSV/TSV; default ``\\t`` for ``.tsv`` and ``,`` for ``.csv``."""
 
 
@@ -64,7 +63,7 @@ class SourceSpec(FileSourceSpec):
     """Column (CSV/TSV) or key (JSONL, falling back to ``caption``) holding the caption; for
     webdataset the ``txt`` member."""
 
-    size: Optional[int] = None
+    size: int | None = None
     """Number of samples in a webdataset source (needed for epochs and the progress bar);
     counted from the shards when omitted."""
 
@@ -77,10 +76,10 @@ class SourceSpec(FileSourceSpec):
 class TrainSpec(Section):
     """Optimisation and bookkeeping of the training loop."""
 
-    steps: Optional[int] = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
     """Number of optimizer steps; give this or ``epochs``."""
 
-    epochs: Optional[float] = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
     """Number of passes over the training data (converted to steps)."""
 
     lr: float = Field(5e-4, gt=0)
@@ -102,7 +101,7 @@ class TrainSpec(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """The cosine schedule ends at ``lr * min_lr_ratio``."""
 
-    grad_clip: Optional[float] = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; ``null`` disables clipping."""
 
     accumulate: int = Field(1, ge=1)
@@ -117,14 +116,14 @@ class TrainSpec(Section):
     log_every: int = Field(10, ge=1)
     """Write a line to ``metrics.jsonl`` every this many steps."""
 
-    val_every: Optional[int] = Field(None, ge=1)
+    val_every: int | None = Field(None, ge=1)
     """Validate every this many steps (and always at the end when ``data.val`` is given)."""
 
-    save_every: Optional[int] = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
     """Save a resumable checkpoint every this many steps (and always at the end)."""
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainSpec":
+    def _steps_or_epochs(self) -> TrainSpec:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of train.steps and train.epochs")
         return self

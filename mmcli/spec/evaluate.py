@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
 from mmcli.spec.choices import EVAL_TASKS, REGION_SOURCES, check_registry, literal
 from mmcli.spec.common import FileSourceSpec, SourceSpec
-
 
 # --------------------------------------------------------------------------------------------
 # eval
@@ -42,7 +39,7 @@ class ZeroShotTaskSpec(LabelledSourceSpec):
     """Zero-shot classification: each image gets the class whose prompt embedding (the mean of
     its templates' text embeddings) is most similar to the image embedding."""
 
-    class_names: Optional[list[str]] = None
+    class_names: list[str] | None = None
     """The classes, in order; default: the sorted distinct labels of the data. The label of every
     image must be one of them."""
 
@@ -51,11 +48,11 @@ class ZeroShotTaskSpec(LabelledSourceSpec):
     the built-in dataset), ``imagenet`` (the 80 templates of the CLIP paper), ``simple`` (the
     short list of CLIP's notebook), or a list of strings such as ``["a photo of a {}."]``."""
 
-    confusion: Optional[str] = None
+    confusion: str | None = None
     """Where to write the confusion-matrix PNG; default ``<output stem>-confusion.png``."""
 
     @model_validator(mode="after")
-    def _templates_usable(self) -> "ZeroShotTaskSpec":
+    def _templates_usable(self) -> ZeroShotTaskSpec:
         t = self.templates
         if isinstance(t, str):
             if t not in ("shapes", "imagenet", "simple"):
@@ -84,13 +81,13 @@ class LinearProbeTaskSpec(Section):
     train: LabelledSourceSpec
     """The labelled training images."""
 
-    test: Optional[LabelledSourceSpec] = None
+    test: LabelledSourceSpec | None = None
     """The labelled test images; omitted: a stratified ``test_fraction`` of ``train`` is held out."""
 
     test_fraction: float = Field(0.5, gt=0, lt=1)
     """Share of each class of ``train`` held out for testing when ``test`` is omitted."""
 
-    shots: list[Optional[int]] = [1, 2, 4, 8, 16, None]
+    shots: list[int | None] = [1, 2, 4, 8, 16, None]
     """Examples per class for each probe; ``null`` means all training examples."""
 
     seed: int = 0
@@ -109,7 +106,7 @@ class AlignmentEvalTaskSpec(FusionEvalTaskSpec):
     image, whether the concept of the image's caption best aligned with the object's region
     names its own colour and/or shape (the box labels are used only to score)."""
 
-    regions: Optional[literal(REGION_SOURCES)] = None
+    regions: literal(REGION_SOURCES) | None = None
     """The regions to reason over; default: the run's own setting. With automatic regions an
     object is scored through the region overlapping its box most (IoU ≥ 0.3; else a miss)."""
 
@@ -127,28 +124,28 @@ class EvalSpec(Section):
     model: str
     """A run folder (``runs/shapes``) or ``ARCH:PRETRAINED``."""
 
-    dataset: Optional[str] = None
+    dataset: str | None = None
     """The dataset name written in the results; default: the folder name of the first task's data."""
 
-    zero_shot: Optional[ZeroShotTaskSpec] = None
+    zero_shot: ZeroShotTaskSpec | None = None
     """Zero-shot classification: top-1, top-5, mean per-class recall, confusion matrix."""
 
-    retrieval: Optional[RetrievalTaskSpec] = None
+    retrieval: RetrievalTaskSpec | None = None
     """Image→text and text→image recall@K."""
 
-    linear_probe: Optional[LinearProbeTaskSpec] = None
+    linear_probe: LinearProbeTaskSpec | None = None
     """Linear-probe accuracy on frozen image embeddings, full and few-shot."""
 
-    vqa: Optional[FusionEvalTaskSpec] = None
+    vqa: FusionEvalTaskSpec | None = None
     """VQA accuracy of a ``mmcli fuse`` VQA run (``mmcli.evaluation.fusion``)."""
 
-    itm: Optional[FusionEvalTaskSpec] = None
+    itm: FusionEvalTaskSpec | None = None
     """Image–text matching accuracy of a run with an ITM head."""
 
-    mlm: Optional[MlmEvalTaskSpec] = None
+    mlm: MlmEvalTaskSpec | None = None
     """Masked-token accuracy of a run with an MLM head."""
 
-    alignment: Optional[AlignmentEvalTaskSpec] = None
+    alignment: AlignmentEvalTaskSpec | None = None
     """Region–concept alignment accuracy of a run with a graph fusion."""
 
     output: str = "eval.json"
@@ -162,7 +159,7 @@ class EvalSpec(Section):
     """DataLoader processes decoding images."""
 
     @model_validator(mode="after")
-    def _some_task(self) -> "EvalSpec":
+    def _some_task(self) -> EvalSpec:
         if not any(getattr(self, t) is not None for t in EVAL_TASKS):
             raise ValueError(f"give at least one task ({', '.join(EVAL_TASKS)})")
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from pydantic import Field
 
@@ -21,7 +20,7 @@ class FuseDataSpec(Section):
     ``objects`` (boxes) and ``questions`` (``question``, ``answer``, ``type``). The VQA answer
     vocabulary is the set of answers of these training questions."""
 
-    val: Optional[str] = None
+    val: str | None = None
     """A shapes JSONL file to evaluate on (and to write predictions and fused features for)."""
 
     batch_size: int = Field(64, gt=0)
@@ -33,7 +32,7 @@ class FuseDataSpec(Section):
     val_max: int = Field(100_000, gt=0)
     """At most this many validation examples (questions or image–caption pairs) are scored."""
 
-    boxes: Optional[str] = None
+    boxes: str | None = None
     """A JSONL file of region boxes that replace the records' object boxes (e.g. a detector's
     output): one line per image, ``{"id": <record id>, "boxes": [[x0, y0, x1, y1], ...]}`` in the
     image's pixels; images it does not list keep their own boxes."""
@@ -53,7 +52,7 @@ class FuseSpec(Section):
     data: FuseDataSpec
     """Training and validation data."""
 
-    fusion: Optional[FusionSpec] = None
+    fusion: FusionSpec | None = None
     """A fresh fusion encoder; omitted: the base run's pretrained one."""
 
     encoders: literal(ENCODER_MODES) = "finetune"

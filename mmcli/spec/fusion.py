@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field
 
 from mmcli.spec.base import Section
@@ -41,7 +39,7 @@ class GraphSpec(Section):
     heads: int = Field(4, ge=1)
     """GAT heads; the graph width must be divisible by it."""
 
-    top_k: Optional[int] = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)
     """Initial edges: ``null`` joins every region to every concept (dense); ``k`` keeps an edge
     when the concept is among the region's ``k`` most similar or the region among the concept's."""
 
@@ -88,12 +86,12 @@ class FusionSpec(Section):
     ``graph``: region–concept graph reasoning (``graph``) over the pooled embeddings alone.
     ``late`` and ``graph`` keep no token sequence, so they cannot serve ``mmlm`` or ``mim``."""
 
-    graph: Optional[GraphSpec] = None
+    graph: GraphSpec | None = None
     """Region–concept graph reasoning. With ``strategy: graph`` its alignment features join the
     pooled embeddings (default settings when omitted); with another strategy they are
     concatenated to that strategy's fused features (e.g. ``cross_attention`` + ``graph``)."""
 
-    dim: Optional[int] = Field(None, gt=0)
+    dim: int | None = Field(None, gt=0)
     """Width of the fused features; default: the text tower's width."""
 
     depth: int = Field(2, ge=1)
@@ -120,6 +118,6 @@ class FusionSpec(Section):
         """Whether the strategy keeps a fused token sequence (needed by ``mmlm`` and ``mim``)."""
         return self.strategy not in TOKENLESS_STRATEGIES
 
-    def graph_spec(self) -> Optional[GraphSpec]:
+    def graph_spec(self) -> GraphSpec | None:
         """The graph settings in use: ``graph``, or the defaults for ``strategy: graph``."""
         return self.graph if self.graph is not None or self.strategy != "graph" else GraphSpec()

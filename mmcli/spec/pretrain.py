@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -11,7 +11,6 @@ from mmcli.spec.base import Section
 from mmcli.spec.choices import FUSION_OBJECTIVES, MIM_LOSSES, OBJECTIVES, TOKEN_OBJECTIVES, check_registry, literal
 from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec
 from mmcli.spec.fusion import FusionSpec
-
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -24,7 +23,7 @@ class DataSpec(Section):
     train: SourceSpec
     """The training pairs."""
 
-    val: Optional[SourceSpec] = None
+    val: SourceSpec | None = None
     """Validation pairs for periodic loss and image↔text recall@1."""
 
     batch_size: int = Field(64, gt=0)
@@ -108,23 +107,23 @@ class MimObjectiveSpec(Section):
 class Objectives(Section):
     """Named, weighted training objectives; the total loss is the weighted sum of those given."""
 
-    clip: Optional[ClipObjectiveSpec] = None
+    clip: ClipObjectiveSpec | None = None
     """Contrastive image–text loss."""
 
-    mlm: Optional[MlmObjectiveSpec] = None
+    mlm: MlmObjectiveSpec | None = None
     """Text-only masked language modelling."""
 
-    mmlm: Optional[MmlmObjectiveSpec] = None
+    mmlm: MmlmObjectiveSpec | None = None
     """Image-conditioned masked language modelling through the fusion encoder."""
 
-    itm: Optional[ItmObjectiveSpec] = None
+    itm: ItmObjectiveSpec | None = None
     """Image–text matching with hard negatives, on fused features."""
 
-    mim: Optional[MimObjectiveSpec] = None
+    mim: MimObjectiveSpec | None = None
     """Masked image modelling through the fusion encoder."""
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> "Objectives":
+    def _at_least_one(self) -> Objectives:
         if not self.enabled():
             raise ValueError("at least one objective must be given")
         return self
@@ -157,14 +156,14 @@ class PretrainSpec(Section):
     train: TrainSpec
     """Optimisation."""
 
-    fusion: Optional[FusionSpec] = None
+    fusion: FusionSpec | None = None
     """The fusion encoder; required by the ``mmlm``, ``itm`` and ``mim`` objectives."""
 
     output: OutputSpec = OutputSpec()
     """The run folder."""
 
     @model_validator(mode="after")
-    def _fusion_when_needed(self) -> "PretrainSpec":
+    def _fusion_when_needed(self) -> PretrainSpec:
         enabled = self.objectives.enabled()
         needing = [name for name in FUSION_OBJECTIVES if name in enabled]
         if needing and self.fusion is None:
@@ -174,8 +173,9 @@ class PretrainSpec(Section):
             raise ValueError("fusion.graph: region–concept graph reasoning is trained by mmcli fuse, not pretrain")
         tokens = [name for name in TOKEN_OBJECTIVES if name in enabled]
         if tokens and not self.fusion.has_tokens():
-            raise ValueError(f"fusion.strategy: {self.fusion.strategy} keeps no token sequence, "
-                             f"which {', '.join(tokens)} need")
+            raise ValueError(
+                f"fusion.strategy: {self.fusion.strategy} keeps no token sequence, which {', '.join(tokens)} need"
+            )
         return self
 
     def run_dir(self) -> Path:

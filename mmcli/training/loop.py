@@ -1,9 +1,10 @@
 """The one training loop, used by ``pretrain`` and ``fuse``.
 
 It trains a :class:`~mmcli.training.tasks.TrainingTask` (named losses and their weights, what
-to do after a step) and knows nothing else of the model: AdamW with weight-decay groups, cosine schedule with warm-up, gradient clipping
-and accumulation, bf16 autocast, DDP, periodic validation, resumable atomic checkpoints, and a
-clean stop (with a checkpoint) on SIGINT/SIGTERM.
+to do after a step) and knows nothing else of the model: AdamW (Loshchilov & Hutter) with
+weight-decay groups, cosine schedule with warm-up, gradient clipping and accumulation, bf16
+autocast, DDP, periodic validation, resumable atomic checkpoints, and a clean stop (with a
+checkpoint) on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmcli import io
 from mmcli.data.batches import to_device
-from mmcli.models.weights import save_weights
-from mmcli.training import checkpoint as ckpt
 from mmcli.distributed import World, all_reduce_mean, barrier
+from mmcli.models.weights import save_weights
 from mmcli.spec import TrainSpec
+from mmcli.training import checkpoint as ckpt
 from mmcli.training.tasks import TrainingTask
 
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
@@ -89,7 +91,7 @@ class StopFlag:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -195,7 +197,7 @@ class _Loop:
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             sync = i == len(micro_batches) - 1 or not self.world.distributed
-            with (nullcontext() if sync else self.runner.no_sync()):
+            with nullcontext() if sync else self.runner.no_sync():
                 with autocast_context(self.spec.precision, self.device):
                     losses = self.runner(batch)
                 total = sum(self.weights[k] * v for k, v in losses.items())
@@ -312,7 +314,8 @@ def _epoch_batches(loaders: LoaderFactory, state: Progress):
 
 def _progress_bar(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
     return Bar(
         TextColumn("[bold]{task.description}"),

@@ -49,8 +49,14 @@ def mim_loss(predicted: torch.Tensor, target: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"unknown MIM loss {kind!r}")
 
 
-def alignment_loss(region_states: Tensor, region_mask: Tensor, concept_states: Tensor, concept_mask: Tensor,
-                   temperature: float = 0.1, positives: Tensor | None = None) -> Tensor:
+def alignment_loss(
+    region_states: Tensor,
+    region_mask: Tensor,
+    concept_states: Tensor,
+    concept_mask: Tensor,
+    temperature: float = 0.1,
+    positives: Tensor | None = None,
+) -> Tensor:
     """Weakly supervised region–concept alignment: a symmetric multiple-instance contrastive loss.
 
     Region ``i`` of image ``b`` scores each text ``t`` of the batch by its best concept,
@@ -78,10 +84,15 @@ def alignment_loss(region_states: Tensor, region_mask: Tensor, concept_states: T
     region_to_text = sim.masked_fill(~concept_mask[None, None], float("-inf")).amax(dim=-1)  # [B, R, T]
     concept_to_image = sim.masked_fill(~region_mask[:, :, None, None], float("-inf")).amax(dim=1)  # [B, T, C]
     losses = [
-        _multi_positive_nll(region_to_text, positives.unsqueeze(1), region_mask & has_concepts.unsqueeze(1),
-                            has_concepts),
-        _multi_positive_nll(concept_to_image.permute(1, 2, 0), positives.t().unsqueeze(1),
-                            concept_mask & has_regions.unsqueeze(1), has_regions),
+        _multi_positive_nll(
+            region_to_text, positives.unsqueeze(1), region_mask & has_concepts.unsqueeze(1), has_concepts
+        ),
+        _multi_positive_nll(
+            concept_to_image.permute(1, 2, 0),
+            positives.t().unsqueeze(1),
+            concept_mask & has_regions.unsqueeze(1),
+            has_regions,
+        ),
     ]
     losses = [loss for loss in losses if loss is not None]
     return torch.stack(losses).mean() if losses else region_states.sum() * 0.0

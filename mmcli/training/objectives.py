@@ -11,7 +11,8 @@ encoder.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from mmcli.distributed import World, gather_no_grad, gather_with_grad
 from mmcli.models.constants import SPECIAL_IDS
 from mmcli.spec import choices
 from mmcli.training.losses import contrastive_loss, masked_lm_loss, mim_loss
+
 
 def clip_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
     """InfoNCE with negatives from every rank (gathered with gradients unless disabled)."""
@@ -39,8 +41,14 @@ def clip_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, worl
 def mask_text(model: nn.Module, texts: torch.Tensor, prob: float, generator: torch.Generator | None = None):
     """``(inputs, labels)`` of :func:`mmcli.data.masking.mask_tokens` with the model's [MASK] id;
     random replacements come from the tokenizer's vocabulary (never [MASK] or a special id)."""
-    return mask_tokens(texts, mask_id=model.mask_token_id, vocab_size=model.mask_token_id,
-                       special_ids=SPECIAL_IDS, prob=prob, generator=generator)
+    return mask_tokens(
+        texts,
+        mask_id=model.mask_token_id,
+        vocab_size=model.mask_token_id,
+        special_ids=SPECIAL_IDS,
+        prob=prob,
+        generator=generator,
+    )
 
 
 def mlm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
@@ -100,8 +108,11 @@ def itm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world
     images, captions, labels = itm_pairs(outputs, texts)
     states = _shared_text_states(model, outputs, texts)
     inputs = model.fusion_inputs(
-        texts[captions], states[captions], image_tokens=_take(outputs.get("image_tokens"), images),
-        image_pooled=outputs["image_features"][images], text_pooled=outputs["text_features"][captions],
+        texts[captions],
+        states[captions],
+        image_tokens=_take(outputs.get("image_tokens"), images),
+        image_pooled=outputs["image_features"][images],
+        text_pooled=outputs["text_features"][captions],
     )
     return F.cross_entropy(model.itm_head(model.fusion(inputs)).float(), labels)
 

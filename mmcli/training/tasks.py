@@ -71,7 +71,9 @@ class Pretrainer(TrainingTask):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Each enabled objective's loss on the batch, by name."""
         outputs = self.model(batch["images"], batch["texts"])
-        return {name: OBJECTIVES[name](self.model, outputs, batch, spec, self.world) for name, spec in self.specs.items()}
+        return {
+            name: OBJECTIVES[name](self.model, outputs, batch, spec, self.world) for name, spec in self.specs.items()
+        }
 
 
 class FuseTask(TrainingTask):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -47,7 +48,10 @@ def contrastive_validator(loader: Iterable[dict], device: torch.device) -> Calla
         if not images:
             return {}
         scores = recall_at_1(torch.cat(images), torch.cat(texts), caption_groups(torch.cat(tokens)))
-        return {"val_loss": round(sum(losses) / len(losses), 6), **{k: round(v, 4) for k, v in scores.items()},
-                "val_pairs": sum(len(t) for t in tokens)}
+        return {
+            "val_loss": round(sum(losses) / len(losses), 6),
+            **{k: round(v, 4) for k, v in scores.items()},
+            "val_pairs": sum(len(t) for t in tokens),
+        }
 
     return validate

@@ -21,8 +21,13 @@ LINE = 2
 """Box outline width in pixels of the upscaled picture."""
 
 
-def draw_explanation(image: Image.Image, boxes: list[tuple[float, float, float, float]],
-                     labels: list[list[tuple[str, float]]], caption: str = "", scale: int = 6) -> Image.Image:
+def draw_explanation(
+    image: Image.Image,
+    boxes: list[tuple[float, float, float, float]],
+    labels: list[list[tuple[str, float]]],
+    caption: str = "",
+    scale: int = 6,
+) -> Image.Image:
     """The image upscaled ``scale`` times (nearest neighbour: the pixels stay crisp), each box
     (``(x0, y0, x1, y1)`` in the image's pixels, ``x1``/``y1`` exclusive) outlined in
     ``BOX_COLOURS[i]`` and labelled with ``labels[i]`` (``(concept, weight)`` pairs), and the
@@ -76,8 +81,9 @@ def best_concepts(alignment: torch.Tensor, concepts: list[str], top: int = 2) ->
     if not concepts:
         return [[] for _ in range(len(alignment))]
     weights, index = alignment[:, : len(concepts)].topk(min(top, len(concepts)), dim=1)
-    return [[(concepts[j], round(float(w), 4)) for w, j in zip(ws, js) if w > 0]
-            for ws, js in zip(weights, index.tolist())]
+    return [
+        [(concepts[j], round(float(w), 4)) for w, j in zip(ws, js) if w > 0] for ws, js in zip(weights, index.tolist())
+    ]
 
 
 def file_boxes(boxes: torch.Tensor, image_wh: tuple[int, int], input_hw: tuple[int, int]) -> list[tuple]:
@@ -86,13 +92,16 @@ def file_boxes(boxes: torch.Tensor, image_wh: tuple[int, int], input_hw: tuple[i
     (width, height), (in_h, in_w) = image_wh, input_hw
     scale = max(in_h / height, in_w / width)
     dx, dy = (width * scale - in_w) / 2, (height * scale - in_h) / 2
-    return [((x0 + dx) / scale, (y0 + dy) / scale, (x1 + dx) / scale, (y1 + dy) / scale)
-            for x0, y0, x1, y1 in boxes.tolist()]
+    return [
+        ((x0 + dx) / scale, (y0 + dy) / scale, (x1 + dx) / scale, (y1 + dy) / scale)
+        for x0, y0, x1, y1 in boxes.tolist()
+    ]
 
 
 @torch.no_grad()
-def write_explanations(model, dataset, out_dir: Path, *, device, count: int = 6, scale: int = 6,
-                       regions: str | None = None) -> dict[str, Any]:
+def write_explanations(
+    model, dataset, out_dir: Path, *, device, count: int = 6, scale: int = 6, regions: str | None = None
+) -> dict[str, Any]:
     """PNGs of the first ``count`` distinct images of ``dataset`` (an ``ExampleDataset`` with
     concepts), reasoning over each image and its own caption; returns the paths written."""
     from mmcli.data.batches import to_device
@@ -119,8 +128,12 @@ def write_explanations(model, dataset, out_dir: Path, *, device, count: int = 6,
         concepts = [c.text for c in extract_concepts(example.caption)]
         real = box_mask[row]
         picture = draw_explanation(
-            image, file_boxes(boxes[row][real].cpu(), image.size, tuple(batch["images"].shape[-2:])),
-            best_concepts(out.alignment[row][real].cpu(), concepts), example.caption, scale)
+            image,
+            file_boxes(boxes[row][real].cpu(), image.size, tuple(batch["images"].shape[-2:])),
+            best_concepts(out.alignment[row][real].cpu(), concepts),
+            example.caption,
+            scale,
+        )
         path = out_dir / f"{Path(example.image).stem}.png"
         picture.save(path)
         paths.append(str(path))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -30,9 +30,9 @@ def sheet_size(count: int, *, thumb: int = 160, cols: int = 5) -> tuple[int, int
 
 
 def contact_sheet(
-    image_paths: Sequence[Union[str, Path]],
+    image_paths: Sequence[str | Path],
     scores: Sequence[float],
-    out: Union[str, Path],
+    out: str | Path,
     *,
     title: str,
     thumb: int = 160,
@@ -59,8 +59,15 @@ def contact_sheet(
     return out
 
 
-def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tuple[int, int],
-               thumb: int, path: Union[str, Path], caption: str) -> None:
+def _draw_tile(
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font,
+    corner: tuple[int, int],
+    thumb: int,
+    path: str | Path,
+    caption: str,
+) -> None:
     x, y = corner
     image = open_thumbnail(path, thumb)
     name = os.path.basename(os.fspath(path))
@@ -76,7 +83,7 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tupl
     draw.text((x, y + thumb + 18), _fit(name, thumb, font), fill=TEXT, font=font)
 
 
-def open_thumbnail(path: Union[str, Path], size: int) -> Optional[Image.Image]:
+def open_thumbnail(path: str | Path, size: int) -> Image.Image | None:
     """``path`` as an RGB image scaled to fit size×size, or None when it cannot be read.
 
     Decoding goes through :func:`mmcli.data.images.load_image` (EXIF orientation, odd modes,

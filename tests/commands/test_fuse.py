@@ -31,8 +31,11 @@ def base_run(tmp_path_factory, shapes_dir) -> Path:
     from mmcli.commands.pretrain import run
 
     tmp = tmp_path_factory.mktemp("mm")
-    spec = {**PRETRAIN, "data": {**PRETRAIN["data"], "train": {"path": str(shapes_dir / "train.tsv")}},
-            "output": {"dir": str(tmp), "name": "base"}}
+    spec = {
+        **PRETRAIN,
+        "data": {**PRETRAIN["data"], "train": {"path": str(shapes_dir / "train.tsv")}},
+        "output": {"dir": str(tmp), "name": "base"},
+    }
     return Path(run(_write(tmp / "pretrain-mm.yaml", spec), [], device="cpu")["run_dir"])
 
 
@@ -48,7 +51,12 @@ def test_masked_run_loads_in_plain_open_clip(base_run):
     texts = open_clip.get_tokenizer(f"local-dir:{base_run}")(["a red circle", "a blue square above a green circle"])
     with torch.no_grad():
         assert torch.equal(ref.encode_text(texts), ours.encode_text(texts, normalize=False))
-    assert sorted(json.loads((base_run / "mmcli.json").read_text())["modules"]) == ["fusion", "itm_head", "mask_token", "mlm_head"]
+    assert sorted(json.loads((base_run / "mmcli.json").read_text())["modules"]) == [
+        "fusion",
+        "itm_head",
+        "mask_token",
+        "mlm_head",
+    ]
 
 
 def test_mlm_and_itm_evaluations_count_what_they_should(base_run, shapes_dir):
@@ -77,12 +85,23 @@ def test_fuse_vqa_trains_writes_and_reevaluates(base_run, shapes_dir, tmp_path):
     from mmcli.commands.fuse import run
     from mmcli.evaluation.fusion import evaluate_vqa
 
-    spec = _write(tmp_path / "fuse-vqa.yaml", {
-        "base": str(base_run), "task": "vqa",
-        "data": {"train": str(shapes_dir / "train.jsonl"), "val": str(shapes_dir / "val.jsonl"), "batch_size": 32, "workers": 0},
-        "fusion": {"strategy": "early", "depth": 1, "heads": 2}, "encoders": "frozen",
-        "train": {"steps": 3, "lr": 1e-3}, "output": {"dir": str(tmp_path), "name": "vqa"},
-    })
+    spec = _write(
+        tmp_path / "fuse-vqa.yaml",
+        {
+            "base": str(base_run),
+            "task": "vqa",
+            "data": {
+                "train": str(shapes_dir / "train.jsonl"),
+                "val": str(shapes_dir / "val.jsonl"),
+                "batch_size": 32,
+                "workers": 0,
+            },
+            "fusion": {"strategy": "early", "depth": 1, "heads": 2},
+            "encoders": "frozen",
+            "train": {"steps": 3, "lr": 1e-3},
+            "output": {"dir": str(tmp_path), "name": "vqa"},
+        },
+    )
     result = run(spec, [], device="cpu")
     run_dir = Path(result["run_dir"])
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
@@ -99,7 +118,10 @@ def test_fuse_vqa_trains_writes_and_reevaluates(base_run, shapes_dir, tmp_path):
     # Frozen encoders: the fuse run's dual encoder is the base's, bit for bit.
     from safetensors.torch import load_file
 
-    a, b = load_file(str(base_run / "open_clip_model.safetensors")), load_file(str(run_dir / "open_clip_model.safetensors"))
+    a, b = (
+        load_file(str(base_run / "open_clip_model.safetensors")),
+        load_file(str(run_dir / "open_clip_model.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = run(spec, [], eval_only=True, device="cpu")
     assert again["report"] == report
@@ -110,12 +132,23 @@ def test_fuse_without_any_fusion_is_a_named_error(tmp_path, shapes_dir):
     from mmcli.commands.fuse import run
     from mmcli.commands.pretrain import run as pretrain
 
-    clip_only = {**PRETRAIN, "objectives": {"clip": {"weight": 1.0}}, "train": {"steps": 1},
-                 "data": {**PRETRAIN["data"], "train": {"path": str(shapes_dir / "train.tsv")}},
-                 "output": {"dir": str(tmp_path), "name": "clip"}}
+    clip_only = {
+        **PRETRAIN,
+        "objectives": {"clip": {"weight": 1.0}},
+        "train": {"steps": 1},
+        "data": {**PRETRAIN["data"], "train": {"path": str(shapes_dir / "train.tsv")}},
+        "output": {"dir": str(tmp_path), "name": "clip"},
+    }
     base = pretrain(_write(tmp_path / "pretrain-clip.yaml", clip_only), [], device="cpu")["run_dir"]
-    spec = _write(tmp_path / "fuse.yaml", {"base": base, "data": {"train": str(shapes_dir / "train.jsonl")},
-                                          "train": {"steps": 1}, "output": {"dir": str(tmp_path), "name": "f"}})
+    spec = _write(
+        tmp_path / "fuse.yaml",
+        {
+            "base": base,
+            "data": {"train": str(shapes_dir / "train.jsonl")},
+            "train": {"steps": 1},
+            "output": {"dir": str(tmp_path), "name": "f"},
+        },
+    )
     with pytest.raises(MmcliError, match="fusion: the base run .* has no fusion encoder"):
         run(spec, [], device="cpu")
 
@@ -137,8 +170,9 @@ def test_cli_fuse_error_is_one_line_exit_2(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mmcli", "fuse", str(tmp_path / "fuse-missing.yaml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mmcli", "fuse", str(tmp_path / "fuse-missing.yaml")], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"mmcli: error: {tmp_path / 'fuse-missing.yaml'}: no such spec file"]
 
@@ -150,14 +184,23 @@ def test_fuse_graph_trains_explains_and_eval_reports_alignment(base_run, shapes_
     from mmcli.commands.fuse import run
     from mmcli.viz.explain import BOX_COLOURS
 
-    spec = _write(tmp_path / "fuse-graph.yaml", {
-        "base": str(base_run), "task": "vqa",
-        "data": {"train": str(shapes_dir / "train.jsonl"), "val": str(shapes_dir / "val.jsonl"), "batch_size": 16,
-                 "workers": 0},
-        "fusion": {"strategy": "graph", "graph": {"layer": "gcn", "max_iters": 3, "align_weight": 0.5}},
-        "encoders": "frozen", "train": {"steps": 2, "lr": 1e-3, "log_every": 1},
-        "output": {"dir": str(tmp_path), "name": "graph"},
-    })
+    spec = _write(
+        tmp_path / "fuse-graph.yaml",
+        {
+            "base": str(base_run),
+            "task": "vqa",
+            "data": {
+                "train": str(shapes_dir / "train.jsonl"),
+                "val": str(shapes_dir / "val.jsonl"),
+                "batch_size": 16,
+                "workers": 0,
+            },
+            "fusion": {"strategy": "graph", "graph": {"layer": "gcn", "max_iters": 3, "align_weight": 0.5}},
+            "encoders": "frozen",
+            "train": {"steps": 2, "lr": 1e-3, "log_every": 1},
+            "output": {"dir": str(tmp_path), "name": "graph"},
+        },
+    )
     result = run(spec, [], device="cpu", explain=tmp_path / "explain")
     run_dir = Path(result["run_dir"])
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -172,10 +215,16 @@ def test_fuse_graph_trains_explains_and_eval_reports_alignment(base_run, shapes_
     x0, y0, x1, y1 = records[0]["objects"][0]["box"]  # given boxes: region 0 is object 0
     assert picture.getpixel((3 * (x0 + x1), 6 * y1 - 1)) == BOX_COLOURS[0]  # bottom edge: labels go above
 
-    eval_spec = _write(tmp_path / "eval.yaml", {
-        "model": str(run_dir), "vqa": {"path": str(shapes_dir / "val.jsonl")},
-        "alignment": {"path": str(shapes_dir / "val.jsonl")},
-        "output": str(tmp_path / "eval.json"), "workers": 0})
+    eval_spec = _write(
+        tmp_path / "eval.yaml",
+        {
+            "model": str(run_dir),
+            "vqa": {"path": str(shapes_dir / "val.jsonl")},
+            "alignment": {"path": str(shapes_dir / "val.jsonl")},
+            "output": str(tmp_path / "eval.json"),
+            "workers": 0,
+        },
+    )
     results = evaluate(eval_spec, [], device="cpu")["results"]
     assert results[0]["task"] == "vqa" and results[0]["metrics"]["accuracy"] == result["report"]["accuracy"]
     scores = results[1]["metrics"]
@@ -191,7 +240,14 @@ def test_graph_reasoning_is_not_a_pretraining_strategy(tmp_path):
 
     assert FusionSpec(strategy="graph").graph_spec().layer == "gat"
     assert FusionSpec(strategy="cross_attention").graph_spec() is None
-    path = _write(tmp_path / "pretrain-g.yaml", {"data": {"train": {"path": "x.tsv"}}, "train": {"steps": 1},
-                                                 "objectives": {"itm": {}}, "fusion": {"strategy": "graph"}})
+    path = _write(
+        tmp_path / "pretrain-g.yaml",
+        {
+            "data": {"train": {"path": "x.tsv"}},
+            "train": {"steps": 1},
+            "objectives": {"itm": {}},
+            "fusion": {"strategy": "graph"},
+        },
+    )
     with pytest.raises(MmcliError, match="fusion.graph: region–concept graph reasoning is trained by mmcli fuse"):
         load_spec(path, PretrainSpec)

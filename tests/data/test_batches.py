@@ -67,7 +67,9 @@ def shapes_loader(small_shapes: Path, workers: int = 0, image_fn=to_tensor, **op
 
 
 def test_collate_drops_none_and_counts_it():
-    item = lambda i: {"image": torch.full((3, 2, 2), float(i)), "text": torch.tensor([i, 0]), "index": i}
+    def item(i):
+        return {"image": torch.full((3, 2, 2), float(i)), "text": torch.tensor([i, 0]), "index": i}
+
     batch = collate_pairs([item(4), None, item(9)])
     assert batch["images"].shape == (2, 3, 2, 2) and batch["images"][1, 0, 0, 0] == 9
     assert batch["texts"].tolist() == [[4, 0], [9, 0]] and batch["texts"].dtype == torch.long
@@ -164,7 +166,10 @@ def test_augmentation_is_per_sample_whatever_the_workers(small_shapes):
     for a, b in zip(single, multi):
         assert a["images"].shape == (4, 3, 16, 16) and torch.equal(a["images"], b["images"])
     other_epoch = list(shapes_loader(small_shapes, workers=0, image_fn=CropWithJitter(), limit=16, epoch=1))
-    by_index = lambda batches: {int(i): img for b in batches for i, img in zip(b["index"], b["images"])}
+
+    def by_index(batches):
+        return {int(i): img for b in batches for i, img in zip(b["index"], b["images"])}
+
     assert not torch.equal(by_index(single)[0], by_index(other_epoch)[0])
 
 
@@ -225,9 +230,7 @@ def test_webdataset_with_workers_sees_every_good_sample_once(shard_dir):
 
 
 def test_webdataset_ranks_partition_the_samples(shard_dir):
-    per_rank = [
-        seen(webdataset_loader(shard_dir, workers=2, train=False, rank=rank, world_size=2)) for rank in (0, 1)
-    ]
+    per_rank = [seen(webdataset_loader(shard_dir, workers=2, train=False, rank=rank, world_size=2)) for rank in (0, 1)]
     assert sorted(per_rank[0] + per_rank[1]) == GOOD
     assert not set(per_rank[0]) & set(per_rank[1])
 

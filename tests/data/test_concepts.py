@@ -4,22 +4,32 @@ import pytest
 
 from mmcli.data.concepts import Concept, concept_token_spans, extract_concepts
 
-O, A, R = "object", "attribute", "relation"
+O, A, R = "object", "attribute", "relation"  # noqa: E741 - short names keep the tables below readable
 
 # Each caption with its exact concepts as (text, kind), in order.
 CAPTIONS = [
     (
         "a red circle left of a blue square and a green triangle",
         [
-            ("red circle", O), ("red", A), ("left of", R), ("blue square", O), ("blue", A),
-            ("green triangle", O), ("green", A),
+            ("red circle", O),
+            ("red", A),
+            ("left of", R),
+            ("blue square", O),
+            ("blue", A),
+            ("green triangle", O),
+            ("green", A),
         ],
     ),
     (
         "a small purple diamond above a large yellow square",
         [
-            ("small purple diamond", O), ("small", A), ("purple", A), ("above", R),
-            ("large yellow square", O), ("large", A), ("yellow", A),
+            ("small purple diamond", O),
+            ("small", A),
+            ("purple", A),
+            ("above", R),
+            ("large yellow square", O),
+            ("large", A),
+            ("yellow", A),
         ],
     ),
     (
@@ -30,7 +40,11 @@ CAPTIONS = [
     (
         "a small dog sitting next to a wooden chair",
         [
-            ("small dog", O), ("small", A), ("sitting", R), ("next to", R), ("wooden chair", O),
+            ("small dog", O),
+            ("small", A),
+            ("sitting", R),
+            ("next to", R),
+            ("wooden chair", O),
             ("wooden", A),
         ],
     ),
@@ -45,7 +59,12 @@ CAPTIONS = [
     (
         "the big brown bear is eating fish near the river",
         [
-            ("big brown bear", O), ("big", A), ("brown", A), ("eating", R), ("fish", O), ("near", R),
+            ("big brown bear", O),
+            ("big", A),
+            ("brown", A),
+            ("eating", R),
+            ("fish", O),
+            ("near", R),
             ("river", O),
         ],
     ),

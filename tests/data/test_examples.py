@@ -8,21 +8,39 @@ import pytest
 import torch
 
 from mmcli.data.concepts import extract_concepts
-from mmcli.data.masking import IGNORE_INDEX
 from mmcli.data.examples import (
-    ExampleDataset, answer_prior, answer_vocabulary, collate_examples, matching_examples, question_examples,
+    ExampleDataset,
+    answer_prior,
+    answer_vocabulary,
+    collate_examples,
+    matching_examples,
+    question_examples,
     read_shapes_jsonl,
 )
+from mmcli.data.masking import IGNORE_INDEX
 from mmcli.errors import MmcliError
 
 RECORDS = [
-    {"id": "a", "image": "img/a.png", "caption": "a red circle", "objects": [{"box": [1, 2, 5, 6]}],
-     "questions": [{"question": "what color is the circle?", "answer": "red", "type": "color"},
-                   {"question": "is there a red circle?", "answer": "yes", "type": "exist"}]},
-    {"id": "b", "image": "img/b.png", "caption": "a blue square left of a red circle",
-     "objects": [{"box": [0, 0, 4, 4]}, {"box": [10, 10, 14, 14]}],
-     "questions": [{"question": "is there a green circle?", "answer": "no", "type": "exist"},
-                   {"question": "is there a blue square?", "answer": "yes", "type": "exist"}]},
+    {
+        "id": "a",
+        "image": "img/a.png",
+        "caption": "a red circle",
+        "objects": [{"box": [1, 2, 5, 6]}],
+        "questions": [
+            {"question": "what color is the circle?", "answer": "red", "type": "color"},
+            {"question": "is there a red circle?", "answer": "yes", "type": "exist"},
+        ],
+    },
+    {
+        "id": "b",
+        "image": "img/b.png",
+        "caption": "a blue square left of a red circle",
+        "objects": [{"box": [0, 0, 4, 4]}, {"box": [10, 10, 14, 14]}],
+        "questions": [
+            {"question": "is there a green circle?", "answer": "no", "type": "exist"},
+            {"question": "is there a blue square?", "answer": "yes", "type": "exist"},
+        ],
+    },
     {"id": "c", "image": "img/c.png", "caption": "a red circle", "objects": [], "questions": []},
 ]
 
@@ -41,7 +59,11 @@ def test_questions_vocabulary_and_prior(jsonl):
     assert [e.id for e in examples] == ["a-q0", "a-q1", "b-q0", "b-q1"]
     assert examples[2].boxes == ((0, 0, 4, 4), (10, 10, 14, 14))
     assert answer_vocabulary(examples) == ["no", "red", "yes"]
-    assert answer_prior(examples) == {"*": {"red": 1, "yes": 2, "no": 1}, "color": {"red": 1}, "exist": {"yes": 2, "no": 1}}
+    assert answer_prior(examples) == {
+        "*": {"red": 1, "yes": 2, "no": 1},
+        "color": {"red": 1},
+        "exist": {"yes": 2, "no": 1},
+    }
 
 
 def test_matching_pairs_never_reuse_the_same_caption(jsonl):
@@ -62,7 +84,9 @@ def test_collate_pads_boxes_and_maps_unknown_answers(jsonl, tmp_path):
     for name in "abc":
         Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{name}.png")
     examples = question_examples(read_shapes_jsonl(jsonl))
-    dataset = ExampleDataset(examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8), lambda t: torch.tensor([1, 2, 0]))
+    dataset = ExampleDataset(
+        examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8), lambda t: torch.tensor([1, 2, 0])
+    )
     batch = collate_examples([dataset[0], dataset[2]])
     assert batch["labels"].tolist() == [IGNORE_INDEX, 1]  # "red" is not a class here; "no" is 1
     assert batch["boxes"].shape == (2, 2, 4)
@@ -78,15 +102,16 @@ def test_collate_marks_relation_concepts_as_not_grounded(jsonl, tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{name}.png")
     records = read_shapes_jsonl(jsonl)
     examples = question_examples(records)
-    dataset = ExampleDataset(examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8),
-                             lambda t: torch.tensor([1, 2, 0]), concepts=True)
+    dataset = ExampleDataset(
+        examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8), lambda t: torch.tensor([1, 2, 0]), concepts=True
+    )
     batch = collate_examples([dataset[0], dataset[2]])
     for row, example in enumerate([examples[0], examples[2]]):
         for key, text in (("concept_grounded", example.text), ("caption_concept_grounded", example.caption)):
             kinds = [c.kind for c in extract_concepts(text)]
             flags = batch[key][row].tolist()
             assert flags[: len(kinds)] == [kind != "relation" for kind in kinds]
-            assert not any(flags[len(kinds):])  # padding
+            assert not any(flags[len(kinds) :])  # padding
     assert batch["concept_grounded"].shape == batch["concept_mask"].shape
     assert batch["caption_concept_grounded"].shape == batch["caption_concept_mask"].shape
 

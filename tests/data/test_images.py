@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mmcli.io import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from mmcli.data.images import BadImage, is_image_file, load_image
+from mmcli.io import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 
 
 def jpeg_bytes(image: Image.Image, **options) -> bytes:

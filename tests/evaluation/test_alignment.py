@@ -8,10 +8,20 @@ import torch
 from mmcli.evaluation.alignment import alignment_hits, chance_rate, match_regions, names_object
 
 
-@pytest.mark.parametrize("concept, expected", [
-    ("red circle", True), ("red", True), ("circle", True), ("small red circle", True),
-    ("blue circle", False), ("red square", False), ("blue", False), ("left of", False), ("shapes", False),
-])
+@pytest.mark.parametrize(
+    "concept, expected",
+    [
+        ("red circle", True),
+        ("red", True),
+        ("circle", True),
+        ("small red circle", True),
+        ("blue circle", False),
+        ("red square", False),
+        ("blue", False),
+        ("left of", False),
+        ("shapes", False),
+    ],
+)
 def test_names_object(concept, expected):
     assert names_object(concept, "red", "circle") is expected
 
@@ -27,11 +37,13 @@ def test_match_regions_by_iou():
 
 def test_alignment_hits_and_accuracy_by_hand():
     concepts = ["red circle", "red", "left of", "blue square", "blue"]
-    alignment = torch.tensor([
-        [0.6, 0.2, 0.1, 0.05, 0.05],  # region 0 → "red circle"
-        [0.1, 0.1, 0.5, 0.2, 0.1],    # region 1 → "left of": no colour or shape
-        [0.1, 0.1, 0.1, 0.2, 0.5],    # region 2 → "blue"
-    ])
+    alignment = torch.tensor(
+        [
+            [0.6, 0.2, 0.1, 0.05, 0.05],  # region 0 → "red circle"
+            [0.1, 0.1, 0.5, 0.2, 0.1],  # region 1 → "left of": no colour or shape
+            [0.1, 0.1, 0.1, 0.2, 0.5],  # region 2 → "blue"
+        ]
+    )
     objects = [("red", "circle"), ("blue", "square"), ("blue", "square"), ("red", "circle")]
     hits = alignment_hits(alignment, concepts, objects, [0, 1, 2, None])
     assert hits == [True, False, True, False]  # accuracy 2 / 4

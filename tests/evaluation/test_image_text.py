@@ -46,8 +46,9 @@ def test_class_folders_and_labelled_files_read_alike(class_tree, shapes_dir):
     paths, labels = read_labelled(LabelledSourceSpec(path=str(class_tree)))
     assert sorted(set(labels)) == CLASSES and len(paths) == 6  # 48 images / 24 classes × 3 classes
     tsv_paths, tsv_labels = read_labelled(LabelledSourceSpec(path=str(shapes_dir / "classify.tsv")))
-    jsonl_paths, jsonl_labels = read_labelled(LabelledSourceSpec(path=str(shapes_dir / "classify.jsonl"),
-                                                                 image_key="image"))
+    jsonl_paths, jsonl_labels = read_labelled(
+        LabelledSourceSpec(path=str(shapes_dir / "classify.jsonl"), image_key="image")
+    )
     assert (tsv_paths, tsv_labels) == (jsonl_paths, jsonl_labels) and len(set(tsv_labels)) == 24
     with pytest.raises(MmcliError, match="no key 'colour'"):
         read_labelled(LabelledSourceSpec(path=str(shapes_dir / "classify.jsonl"), label_key="colour"))
@@ -56,8 +57,8 @@ def test_class_folders_and_labelled_files_read_alike(class_tree, shapes_dir):
 
 
 def test_class_embedding_is_the_normalised_mean_of_the_template_embeddings(nano_run):
-    from mmcli.models.loading import load_model
     from mmcli.evaluation.zeroshot import class_embeddings
+    from mmcli.models.loading import load_model
 
     loaded = load_model(str(nano_run))
     templates = ["a {}", "a photo of a {}."]
@@ -79,9 +80,12 @@ def trained_run(shapes_dir, tmp_path_factory):
     from mmcli.commands.pretrain import run as pretrain
 
     folder = tmp_path_factory.mktemp("e2e")
-    spec = {"model": {"arch": "mmcli-nano"}, "data": {"train": {"path": str(shapes_dir / "train.tsv")},
-                                                    "batch_size": 32, "workers": 0},
-            "train": {"steps": 6, "lr": 1e-3, "log_every": 3}, "output": {"dir": str(folder), "name": "run"}}
+    spec = {
+        "model": {"arch": "mmcli-nano"},
+        "data": {"train": {"path": str(shapes_dir / "train.tsv")}, "batch_size": 32, "workers": 0},
+        "train": {"steps": 6, "lr": 1e-3, "log_every": 3},
+        "output": {"dir": str(folder), "name": "run"},
+    }
     (folder / "pretrain.yaml").write_text(yaml.safe_dump(spec))
     pretrain(folder / "pretrain.yaml", [], device="cpu")
     return folder / "run"
@@ -106,13 +110,18 @@ def test_shapes_pretrain_embed_retrieve_eval(trained_run, shapes_dir, tmp_path):
     images = np.load(tmp_path / "classify.npy")
     prompts = np.load(tmp_path / "prompts.npy")
     top = retrieve("a red circle", index_path=str(tmp_path / "classify.npy"), k=5)["queries"][0]["results"]
-    assert [h["row"] for h in top] == np.argsort(-(images @ prompts[names.index("red circle")]),
-                                                 kind="stable")[:5].tolist()
+    assert [h["row"] for h in top] == np.argsort(-(images @ prompts[names.index("red circle")]), kind="stable")[
+        :5
+    ].tolist()
 
-    spec = {"model": run, "zero_shot": {"path": str(classify), "templates": "shapes"},
-            "retrieval": {"path": str(test)},
-            "linear_probe": {"train": {"path": str(classify)}, "shots": [1, None]},
-            "output": str(tmp_path / "eval.json"), "workers": 0}
+    spec = {
+        "model": run,
+        "zero_shot": {"path": str(classify), "templates": "shapes"},
+        "retrieval": {"path": str(test)},
+        "linear_probe": {"train": {"path": str(classify)}, "shots": [1, None]},
+        "output": str(tmp_path / "eval.json"),
+        "workers": 0,
+    }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
     result = evaluate(tmp_path / "eval.yaml", [], device="cpu")
     by_task = {r["task"]: r["metrics"] for r in json.loads((tmp_path / "eval.json").read_text())}
@@ -147,11 +156,26 @@ def test_eval_from_flags_reports_top5_unavailable_under_five_classes(trained_run
 
     from mmcli.cli import app
 
-    r = CliRunner().invoke(app, ["--device", "cpu", "eval", "--model", str(trained_run), "--zero-shot", str(class_tree),
-                                 "--templates", "a {}|a picture of a {}", "--out", str(out), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "--device",
+            "cpu",
+            "eval",
+            "--model",
+            str(trained_run),
+            "--zero-shot",
+            str(class_tree),
+            "--templates",
+            "a {}|a picture of a {}",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     printed = json.loads(r.stdout)
-    record, = json.loads(out.read_text())
+    (record,) = json.loads(out.read_text())
     assert set(record) == {"dataset", "model", "pretrained", "checksum", "task", "metrics"}
     assert record["task"] == "zeroshot_classification" and record["dataset"] == class_tree.name
     assert record["metrics"]["acc5"] is None and record["metrics"]["n_classes"] == 3
@@ -162,8 +186,11 @@ def test_eval_from_flags_reports_top5_unavailable_under_five_classes(trained_run
 def test_fused_tasks_need_a_run_with_their_head(nano_run, shapes_dir, tmp_path):
     pytest.importorskip("mmcli.evaluation.fusion")
     spec = tmp_path / "eval.yaml"
-    spec.write_text(yaml.safe_dump({"model": str(nano_run), "itm": {"path": str(shapes_dir / "val.jsonl")},
-                                    "output": str(tmp_path / "e.json")}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"model": str(nano_run), "itm": {"path": str(shapes_dir / "val.jsonl")}, "output": str(tmp_path / "e.json")}
+        )
+    )
     with pytest.raises(MmcliError, match="has no fusion"):
         evaluate(spec, [], device="cpu")
 

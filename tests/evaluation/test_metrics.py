@@ -22,8 +22,11 @@ def test_retrieval_recall_on_a_hand_computed_example():
     # image→text: i0's best caption t0 (1.0) is first; i1's caption t2 (0.6) is behind t1 (0.8).
     for chunk in (1, 2, 4096):
         assert m.retrieval_recall(images, texts, owner, ks=(1, 2), chunk=chunk) == {
-            "image_to_text_R@1": 0.5, "image_to_text_R@2": 1.0,
-            "text_to_image_R@1": 1 / 3, "text_to_image_R@2": 1.0}
+            "image_to_text_R@1": 0.5,
+            "image_to_text_R@2": 1.0,
+            "text_to_image_R@1": 1 / 3,
+            "text_to_image_R@2": 1.0,
+        }
 
 
 def test_retrieval_recall_matches_a_full_matrix_reference():
@@ -50,8 +53,12 @@ def test_images_without_captions_are_left_out():
 def test_ties_count_against_the_model():
     same = np.ones((3, 2)) / np.sqrt(2)  # every score equal: no real ranking at all
     got = m.retrieval_recall(same, same, [0, 1, 2], ks=(1, 3))
-    assert got == {"image_to_text_R@1": 0.0, "image_to_text_R@3": 1.0,
-                   "text_to_image_R@1": 0.0, "text_to_image_R@3": 1.0}
+    assert got == {
+        "image_to_text_R@1": 0.0,
+        "image_to_text_R@3": 1.0,
+        "text_to_image_R@1": 0.0,
+        "text_to_image_R@3": 1.0,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,8 +154,12 @@ def test_answer_accuracy_normalises_answers_overall_and_per_type():
     rows = _rows([("Two", "2"), ("yes", "no"), ("a dog", "dog"), ("red", "blue.")], ["count", "exist", "what", "color"])
     got = m.answer_accuracy(rows)
     assert got["accuracy"] == 0.5 and got["n"] == 4
-    assert got["per_type"] == {"color": {"accuracy": 0.0, "n": 1}, "count": {"accuracy": 1.0, "n": 1},
-                               "exist": {"accuracy": 0.0, "n": 1}, "what": {"accuracy": 1.0, "n": 1}}
+    assert got["per_type"] == {
+        "color": {"accuracy": 0.0, "n": 1},
+        "count": {"accuracy": 1.0, "n": 1},
+        "exist": {"accuracy": 0.0, "n": 1},
+        "what": {"accuracy": 1.0, "n": 1},
+    }
     assert "majority_baseline" not in got
 
 

@@ -46,7 +46,8 @@ def test_no_open_clip_import(run_dir):
         "import sys, json\n"
         "from mmcli.models.fast_text import text_encoder_for\n"
         f"e = text_encoder_for({str(run_dir)!r})(['a red circle'])\n"
-        "print(json.dumps({'shape': list(e.shape), 'heavy': [m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules]}))\n"
+        "heavy = [m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules]\n"
+        "print(json.dumps({'shape': list(e.shape), 'heavy': heavy}))\n"
     )
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert out == {"shape": [1, 32], "heavy": []}

@@ -16,9 +16,7 @@ B, L, N, DT, DI, ET, EI, DIM, HEADS = 3, 5, 4, 12, 10, 6, 7, 16, 2
 OPTIONS = {
     "early": dict(dim=DIM, depth=2, heads=HEADS, image_dim=DI, text_dim=DT),
     "late": dict(dim=DIM, text_pooled_dim=ET, image_pooled_dim=EI, mode="concat"),
-    "hybrid": dict(
-        dim=DIM, depth=2, heads=HEADS, image_dim=DI, text_dim=DT, text_pooled_dim=ET, image_pooled_dim=EI
-    ),
+    "hybrid": dict(dim=DIM, depth=2, heads=HEADS, image_dim=DI, text_dim=DT, text_pooled_dim=ET, image_pooled_dim=EI),
     "cross_attention": dict(dim=DIM, depth=2, heads=HEADS, image_dim=DI, text_dim=DT),
 }
 TOKEN_STRATEGIES = ("early", "hybrid", "cross_attention")
@@ -161,8 +159,8 @@ def test_gated_late_fusion_with_a_saturated_gate_returns_one_projection(bias, si
     with torch.no_grad():
         fusion.mix.weight.zero_()
         fusion.mix.bias.fill_(bias)  # sigmoid(±100) is 1 or 0 in float32
-        projection = fusion.text_proj(inputs["text_pooled"]) if side == "text" else fusion.image_proj(
-            inputs["image_pooled"]
+        projection = (
+            fusion.text_proj(inputs["text_pooled"]) if side == "text" else fusion.image_proj(inputs["image_pooled"])
         )
         assert torch.allclose(fusion(inputs), projection, atol=1e-6)
 
@@ -173,8 +171,11 @@ def test_late_fusion_modes_combine_the_projections(mode):
     fusion, inputs = LateFusion(DIM, ET, EI, mode=mode), make_inputs()
     with torch.no_grad():
         t, v = fusion.text_proj(inputs["text_pooled"]), fusion.image_proj(inputs["image_pooled"])
-        expected = {"sum": lambda: t + v, "product": lambda: t * v,
-                    "concat": lambda: torch.cat([t, v], -1) @ fusion.mix.weight.T + fusion.mix.bias}[mode]()
+        expected = {
+            "sum": lambda: t + v,
+            "product": lambda: t * v,
+            "concat": lambda: torch.cat([t, v], -1) @ fusion.mix.weight.T + fusion.mix.bias,
+        }[mode]()
         assert torch.allclose(fusion(inputs), expected, atol=1e-6)
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from mmcli.models.graph.layers import alignment_feature_dim
 from mmcli.models.fusion import build_fusion
 from mmcli.models.fusion.graph import GraphFusion, pad_boxes, span_means
+from mmcli.models.graph.layers import alignment_feature_dim
 from mmcli.training.losses import alignment_loss
 
 GRAPH = {"layer": "gat", "heads": 2, "max_iters": 3, "tol": 0.0, "regions": "given", "grid": 2}
@@ -17,14 +17,24 @@ GRAPH = {"layer": "gat", "heads": 2, "max_iters": 3, "tol": 0.0, "regions": "giv
 
 def _fusion(inner=None, **graph) -> GraphFusion:
     torch.manual_seed(0)
-    return GraphFusion(dim=8, image_dim=6, text_dim=5, text_pooled_dim=4, image_pooled_dim=3, image_size=32,
-                       graph={**GRAPH, **graph}, inner=inner).eval()
+    return GraphFusion(
+        dim=8,
+        image_dim=6,
+        text_dim=5,
+        text_pooled_dim=4,
+        image_pooled_dim=3,
+        image_size=32,
+        graph={**GRAPH, **graph},
+        inner=inner,
+    ).eval()
 
 
 def _inputs() -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    boxes = torch.tensor([[[0, 0, 16, 16], [16, 0, 32, 16], [8, 16, 24, 32]],
-                          [[0, 0, 32, 32], [0, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[[0, 0, 16, 16], [16, 0, 32, 16], [8, 16, 24, 32]], [[0, 0, 32, 32], [0, 0, 0, 0], [0, 0, 0, 0]]],
+        dtype=torch.float32,
+    )
     return {
         "image_tokens": torch.randn(2, 16, 6),  # a 4×4 patch grid
         "text_tokens": torch.randn(2, 7, 5),
@@ -136,8 +146,9 @@ def test_local_features_add_the_pooled_input_embeddings():
     boxes = [b[m] for b, m in zip(inputs["boxes"], inputs["box_mask"])]
     tokens = roi_features(inputs["image_tokens"], boxes, 32)[0]
     patches = roi_features(inputs["image_patches"], boxes, 32)[0]
-    expected = (fusion.region_in(tokens) + fusion.local_in(patches)
-                + fusion.box_embedding(inputs["boxes"], 32)) * mask.unsqueeze(-1)
+    expected = (
+        fusion.region_in(tokens) + fusion.local_in(patches) + fusion.box_embedding(inputs["boxes"], 32)
+    ) * mask.unsqueeze(-1)
     torch.testing.assert_close(regions, expected)
     # Concept 0 of text 0 spans tokens 1–2: its states' mean and its embeddings' mean.
     states, words = inputs["text_tokens"][0, 1:3].mean(0), inputs["text_embeddings"][0, 1:3].mean(0)

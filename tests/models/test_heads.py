@@ -33,8 +33,13 @@ def test_tied_decoder_is_the_embedding_weight(embedding):
     assert head.decoder_weight.data_ptr() == embedding.weight.data_ptr()
     # Held by reference only: saved and optimised once, with the text tower.
     assert all(p is not embedding.weight for p in head.parameters())
-    assert set(head.state_dict()) == {"bias", "transform.0.weight", "transform.0.bias",
-                                      "transform.2.weight", "transform.2.bias"}
+    assert set(head.state_dict()) == {
+        "bias",
+        "transform.0.weight",
+        "transform.0.bias",
+        "transform.2.weight",
+        "transform.2.bias",
+    }
 
 
 def test_tied_weight_gets_gradient_from_lookup_and_decoder(embedding):

@@ -12,12 +12,20 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from mmcli.retrieval import index as ix
 from mmcli.commands.embed import run as embed
 from mmcli.errors import MmcliError
+from mmcli.retrieval import index as ix
 
-VALID = ["a.png", "sub/a.png", "ünï cödé 画像.png", "UPPER.JPG", "sixteen.png", "cmyk.jpg", "palette.gif",
-         "rotated.jpg"]
+VALID = [
+    "a.png",
+    "sub/a.png",
+    "ünï cödé 画像.png",
+    "UPPER.JPG",
+    "sixteen.png",
+    "cmyk.jpg",
+    "palette.gif",
+    "rotated.jpg",
+]
 INVALID = {"bad/truncated.jpg": "truncated", "bad/zero.png": "zero bytes", "bad/notes.jpg": "not an image"}
 
 
@@ -103,8 +111,7 @@ def test_rows_equal_open_clip_on_the_upright_rgb_image(corpus, nano_run, tmp_pat
     assert not np.allclose(rows["a.png"], rows["sub/a.png"], atol=1e-3)  # two files, two rows
 
 
-def test_interrupted_run_leaves_nothing_complete_and_resumes_to_the_same_index(corpus, nano_run, tmp_path,
-                                                                                 monkeypatch):
+def test_interrupted_run_leaves_nothing_complete_and_resumes_to_the_same_index(corpus, nano_run, tmp_path, monkeypatch):
     whole = str(tmp_path / "whole.npy")
     embed(str(corpus), whole, model=str(nano_run), batch_size=3, workers=0, progress=False)
     out = str(tmp_path / "emb.npy")
@@ -149,8 +156,10 @@ def test_ranks_write_shards_that_read_as_the_single_process_index(corpus, nano_r
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         embed(str(corpus), out, model=str(nano_run), workers=0, progress=False)
-    assert [p.split("/")[-1] for p in ix.open_index(out).files] == ["emb.rank00000-of-00002.npy",
-                                                                    "emb.rank00001-of-00002.npy"]
+    assert [p.split("/")[-1] for p in ix.open_index(out).files] == [
+        "emb.rank00000-of-00002.npy",
+        "emb.rank00001-of-00002.npy",
+    ]
     one, sharded = ix.open_index(single), ix.open_index(out)
     assert sharded.items == one.items
     assert sorted(s["item"] for s in sharded.meta["skipped"]) == sorted(INVALID)
@@ -198,8 +207,11 @@ def test_bad_arguments_are_one_line_errors(corpus, nano_run, tmp_path):
 def test_webdataset_shards_are_keyed_by_shard_and_sample(corpus, nano_run, tmp_path):
     import tarfile
 
-    members = {"s0/a.png": (corpus / "a.png").read_bytes(), "s0/a.txt": b"caption",
-               "s0/b.jpg": (corpus / "bad" / "truncated.jpg").read_bytes()}
+    members = {
+        "s0/a.png": (corpus / "a.png").read_bytes(),
+        "s0/a.txt": b"caption",
+        "s0/b.jpg": (corpus / "bad" / "truncated.jpg").read_bytes(),
+    }
     shards = tmp_path / "shards"
     shards.mkdir()
     for n, names in enumerate([["s0/a.png", "s0/a.txt"], ["s0/b.jpg"]]):

@@ -10,12 +10,15 @@ import sys
 import numpy as np
 import pytest
 
+from mmcli.errors import MmcliError
 from mmcli.retrieval import faiss_index as ann
 from mmcli.retrieval import index as ix
-from mmcli.errors import MmcliError
 
-META = {"model": {"ref": "runs/shapes", "arch": "mmcli-tiny", "checksum": "sha256:abc"},
-        "modality": "image", "root": "/data/images"}
+META = {
+    "model": {"ref": "runs/shapes", "arch": "mmcli-tiny", "checksum": "sha256:abc"},
+    "modality": "image",
+    "root": "/data/images",
+}
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -65,7 +68,13 @@ def test_round_trip_keeps_rows_items_and_sidecar_fields(tmp_path):
     assert index.items == ["a.jpg", "b/a.jpg", "c.jpg", "d.jpg", "e.jpg"]
     meta = index.meta
     assert (meta["format"], meta["version"], meta["modality"], meta["dim"], meta["dtype"], meta["count"]) == (
-        "mmcli-index", 1, "image", 8, "float32", 5)
+        "mmcli-index",
+        1,
+        "image",
+        8,
+        "float32",
+        5,
+    )
     assert meta["model"] == META["model"] and meta["root"] == "/data/images" and meta["complete"] is True
     assert meta["skipped"] == [{"item": "broken.jpg", "reason": "cannot identify image file"}]
     assert set(meta["created"]) == {"time", "mmcli", "host"}

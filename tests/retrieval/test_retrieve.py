@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcli.retrieval import faiss_index as ann
-from mmcli.retrieval import index as ix
 from mmcli.commands.embed import run as embed
 from mmcli.commands.retrieve import run as retrieve
 from mmcli.errors import MmcliError
+from mmcli.retrieval import faiss_index as ann
+from mmcli.retrieval import index as ix
 from mmcli.viz.grid import sheet_size
 from tests.conftest import save_random_run
 
@@ -124,7 +124,10 @@ def test_text_query_imports_neither_open_clip_nor_torchvision(image_index):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mmcli", "retrieve", "x", "--index", str(tmp_path / "none.npy")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mmcli", "retrieve", "x", "--index", str(tmp_path / "none.npy")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"mmcli: error: index file not found: {tmp_path / 'none.npy'}"]

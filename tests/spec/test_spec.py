@@ -72,8 +72,9 @@ def test_override_needs_key_value(tmp_path):
 
 
 def test_every_field_is_documented():
-    from mmcli import spec as spec_module
     from pydantic import BaseModel
+
+    from mmcli import spec as spec_module
 
     missing, checked = [], 0
     for obj in vars(spec_module).values():

@@ -26,12 +26,34 @@ def test_two_ranks_match_one_process(tmp_path, shapes_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = write_spec(tmp_path, shapes_dir, steps=4, name="one")
     two = write_spec(tmp_path, shapes_dir, steps=4, name="two")
-    subprocess.run([sys.executable, "-m", "mmcli", "--device", "cpu", "pretrain", str(one), "--json"], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mmcli", "--device", "cpu", "pretrain", str(one), "--json"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "mmcli", "--device", "cpu", "pretrain", str(two), "--json"],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "mmcli",
+            "--device",
+            "cpu",
+            "pretrain",
+            str(two),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('"run_dir"') == 1  # one summary, from rank 0

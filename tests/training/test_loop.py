@@ -58,7 +58,12 @@ def test_weight_decay_groups():
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"logit_scale", "positional_embedding", "visual.positional_embedding", "visual.class_embedding"} <= no_decay_names
+    assert {
+        "logit_scale",
+        "positional_embedding",
+        "visual.positional_embedding",
+        "visual.class_embedding",
+    } <= no_decay_names
     assert "token_embedding.weight" in decay_names and "visual.conv1.weight" in decay_names
     assert not any(n.endswith(".bias") for n in decay_names)
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
@@ -81,14 +86,20 @@ def test_pretrain_learns_and_loads_in_open_clip(tmp_path, shapes_dir):
     # Held-out pairs: a model that learned nothing scores log(N), the loss of uniform guessing.
     assert val["val_loss"] < math.log(val["val_pairs"]) - 0.5, val
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "metrics.jsonl", "mmcli.json", "open_clip_config.json", "open_clip_model.safetensors", "spec.yaml", "train_state.pt",
+        "metrics.jsonl",
+        "mmcli.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "spec.yaml",
+        "train_state.pt",
     ]
 
     # The run folder is a plain open_clip model: same embeddings through open_clip alone.
     import open_clip
-    from mmcli.models.weights import load_weights_into
+
     from mmcli.models.encoders import build_dual_encoder
     from mmcli.models.multimodal import MultimodalModel
+    from mmcli.models.weights import load_weights_into
     from mmcli.spec import ModelSpec
 
     ref, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir}")

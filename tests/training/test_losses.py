@@ -29,9 +29,13 @@ def test_two_pairs_by_hand():
     tau = 0.5
     e = math.exp
     # The source document's formula (text i against all images j) ...
-    text_to_image = -0.5 * (math.log(e(1 / tau) / (e(1 / tau) + e(0 / tau))) + math.log(e(0.8 / tau) / (e(0.6 / tau) + e(0.8 / tau))))
+    text_to_image = -0.5 * (
+        math.log(e(1 / tau) / (e(1 / tau) + e(0 / tau))) + math.log(e(0.8 / tau) / (e(0.6 / tau) + e(0.8 / tau)))
+    )
     # ... and its mirror (image i against all texts j); CLIP averages the two.
-    image_to_text = -0.5 * (math.log(e(1 / tau) / (e(1 / tau) + e(0.6 / tau))) + math.log(e(0.8 / tau) / (e(0 / tau) + e(0.8 / tau))))
+    image_to_text = -0.5 * (
+        math.log(e(1 / tau) / (e(1 / tau) + e(0.6 / tau))) + math.log(e(0.8 / tau) / (e(0 / tau) + e(0.8 / tau)))
+    )
     expected = (text_to_image + image_to_text) / 2
     got = contrastive_loss(v, t, torch.tensor(1 / tau, dtype=torch.float64))
     assert abs(float(got) - expected) < 1e-12

@@ -26,8 +26,7 @@ def test_hard_negatives_follow_the_renormalised_softmax():
         counts[0] += torch.bincount(idx[0::2], minlength=4)
         counts[1] += torch.bincount(idx[1::2], minlength=4)
     # Expected: softmax over the allowed columns only, e.g. row 0 → e^1 / (e^1 + e^0) for column 1.
-    expected = torch.tensor([[0, math.e / (math.e + 1), 1 / (math.e + 1), 0],
-                             [1 / 3, 0, 1 / 3, 0]])
+    expected = torch.tensor([[0, math.e / (math.e + 1), 1 / (math.e + 1), 0], [1 / 3, 0, 1 / 3, 0]])
     expected[1] = torch.tensor([math.exp(0.5), 0, math.exp(0.5), math.exp(-1)]) / (2 * math.exp(0.5) + math.exp(-1))
     freq = counts / draws
     sigma = (expected * (1 - expected) / draws).sqrt()
@@ -42,8 +41,11 @@ def test_row_without_candidates_is_invalid():
 
 def test_itm_pairs_layout_and_duplicate_captions():
     texts = torch.tensor([[1, 5, 2], [1, 5, 2], [1, 6, 2]])  # captions 0 and 1 are identical
-    outputs = {"image_features": F.normalize(torch.randn(3, 4), dim=-1),
-               "text_features": F.normalize(torch.randn(3, 4), dim=-1), "logit_scale": torch.tensor(10.0)}
+    outputs = {
+        "image_features": F.normalize(torch.randn(3, 4), dim=-1),
+        "text_features": F.normalize(torch.randn(3, 4), dim=-1),
+        "logit_scale": torch.tensor(10.0),
+    }
     images, captions, labels = itm_pairs(outputs, texts, torch.Generator().manual_seed(1))
     assert images[:3].tolist() == [0, 1, 2] and captions[:3].tolist() == [0, 1, 2]
     assert labels[:3].tolist() == [1, 1, 1]
@@ -84,12 +86,25 @@ def test_random_patch_mask_and_blanking():
 def nano_model():
     from mmcli.models.encoders import build_dual_encoder
     from mmcli.models.multimodal import build_multimodal
-    from mmcli.spec import ClipObjectiveSpec, FusionSpec, ItmObjectiveSpec, MimObjectiveSpec, MlmObjectiveSpec, MmlmObjectiveSpec, ModelSpec
+    from mmcli.spec import (
+        ClipObjectiveSpec,
+        FusionSpec,
+        ItmObjectiveSpec,
+        MimObjectiveSpec,
+        MlmObjectiveSpec,
+        MmlmObjectiveSpec,
+        ModelSpec,
+    )
 
     torch.manual_seed(0)
     encoder = build_dual_encoder(ModelSpec(arch="mmcli-nano"))
-    objectives = {"clip": ClipObjectiveSpec(), "mlm": MlmObjectiveSpec(), "mmlm": MmlmObjectiveSpec(),
-                  "itm": ItmObjectiveSpec(), "mim": MimObjectiveSpec()}
+    objectives = {
+        "clip": ClipObjectiveSpec(),
+        "mlm": MlmObjectiveSpec(),
+        "mmlm": MmlmObjectiveSpec(),
+        "itm": ItmObjectiveSpec(),
+        "mim": MimObjectiveSpec(),
+    }
     model = build_multimodal(encoder.model, objectives, FusionSpec(heads=2, dim=32))
     texts = encoder.tokenizer(["a red circle", "a blue square above a green circle", "a red circle", "a green diamond"])
     return model, objectives, texts
@@ -118,7 +133,10 @@ def test_mmlm_reads_the_image_and_mlm_does_not(nano_model):
     masked = texts.clone()
     masked[:, 2] = model.mask_token_id  # "a [MASK] circle"
     labels = torch.where(masked == model.mask_token_id, texts, torch.full_like(texts, IGNORE_INDEX))
-    tokens = [model.encode_image_tokens(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(s)))[1] for s in (0, 1)]
+    tokens = [
+        model.encode_image_tokens(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(s)))[1]
+        for s in (0, 1)
+    ]
     with torch.no_grad():
         a, b = (model.mlm_logits(masked, labels, t).logits for t in tokens)
         text_only = model.mlm_logits(masked, labels).logits

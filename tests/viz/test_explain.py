@@ -27,12 +27,16 @@ def test_draw_explanation_upscales_and_draws_boxes_where_they_are():
 def test_best_concepts_ranks_by_weight():
     alignment = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]])
     assert best_concepts(alignment, ["red", "circle", "left of"]) == [
-        [("circle", 0.7), ("left of", 0.2)], [("red", 0.5), ("circle", 0.25)]]
+        [("circle", 0.7), ("left of", 0.2)],
+        [("red", 0.5), ("circle", 0.25)],
+    ]
     assert best_concepts(alignment, []) == [[], []]
     # A relation has weight 0 in every row: it is never listed, even when fewer remain.
     relation = torch.tensor([[0.8, 0.2, 0.0], [0.0, 1.0, 0.0]])
     assert best_concepts(relation, ["red", "circle", "left of"], top=3) == [
-        [("red", 0.8), ("circle", 0.2)], [("circle", 1.0)]]
+        [("red", 0.8), ("circle", 0.2)],
+        [("circle", 1.0)],
+    ]
 
 
 def test_file_boxes_undo_resize_and_centre_crop():

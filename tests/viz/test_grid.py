@@ -20,8 +20,9 @@ def test_contact_sheet_draws_thumbnails_and_unreadable_tiles(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     paths = [tmp_path / "red.png", tmp_path / "blue.jpg", tmp_path / "missing.png", tmp_path / "broken.jpg"]
 
-    out = grid.contact_sheet(paths, [0.91, 0.5, 0.25, 0.1], tmp_path / "sheets" / "top.png", title="a red circle",
-                             thumb=32, cols=3)
+    out = grid.contact_sheet(
+        paths, [0.91, 0.5, 0.25, 0.1], tmp_path / "sheets" / "top.png", title="a red circle", thumb=32, cols=3
+    )
 
     with Image.open(out) as sheet:
         sheet = sheet.convert("RGB")

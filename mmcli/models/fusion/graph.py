@@ -46,8 +46,17 @@ class GraphFusion(nn.Module):
     in for it). ``image_size`` is the model's input size, in which ``boxes`` are expressed.
     """
 
-    def __init__(self, dim: int, image_dim: int, text_dim: int, text_pooled_dim: int, image_pooled_dim: int,
-                 image_size: int | list[int], graph: dict[str, Any], inner: nn.Module | None = None):
+    def __init__(
+        self,
+        dim: int,
+        image_dim: int,
+        text_dim: int,
+        text_pooled_dim: int,
+        image_pooled_dim: int,
+        image_size: int | list[int],
+        graph: dict[str, Any],
+        inner: nn.Module | None = None,
+    ):
         super().__init__()
 
         self.settings = dict(graph)
@@ -77,8 +86,11 @@ class GraphFusion(nn.Module):
 
     def forward(self, inputs: Inputs) -> Tensor:
         """Fused features [B, dim]: the other features and the graph's alignment features."""
-        base = self.inner(inputs) if self.inner is not None else torch.cat(
-            [inputs["text_pooled"], inputs["image_pooled"]], dim=-1)
+        base = (
+            self.inner(inputs)
+            if self.inner is not None
+            else torch.cat([inputs["text_pooled"], inputs["image_pooled"]], dim=-1)
+        )
         return self.combine(torch.cat([base, alignment_features(self.reason(inputs))], dim=-1))
 
     def forward_tokens(self, inputs: Inputs) -> Tensor:
@@ -122,8 +134,11 @@ class GraphFusion(nn.Module):
         else:  # some image (or all) has no boxes: find regions for those
             found = self._automatic(tokens.detach())
             given = inputs.get("boxes") if mode == "given" else None
-            per_image = found if given is None else [
-                b[m] if bool(m.any()) else f for b, m, f in zip(given, inputs["box_mask"], found)]
+            per_image = (
+                found
+                if given is None
+                else [b[m] if bool(m.any()) else f for b, m, f in zip(given, inputs["box_mask"], found)]
+            )
         return pad_boxes([b.to(tokens.device, torch.float32) for b in per_image])
 
     def _automatic(self, tokens: Tensor) -> list[Tensor]:

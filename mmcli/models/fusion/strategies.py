@@ -79,9 +79,7 @@ class CrossAttentionLayer(nn.Module):
         averaged over heads or [B, heads, L, N] per head (``average_weights=False``); else None.
         """
         text = text + self.self_attend(text, text_mask)
-        attended, weights = self.cross_attend(
-            text, image, need_weights=need_weights, average_weights=average_weights
-        )
+        attended, weights = self.cross_attend(text, image, need_weights=need_weights, average_weights=average_weights)
         text = text + attended
         return text + self.ffn(self.ffn_norm(text)), weights
 
@@ -101,9 +99,7 @@ class CrossAttentionLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Residual branch of the cross-attention (Q = text, K = V = image) and its weights."""
         query, image = self.cross_norm(text), self.image_norm(image)
-        return self.cross_attn(
-            query, image, image, need_weights=need_weights, average_attn_weights=average_weights
-        )
+        return self.cross_attn(query, image, image, need_weights=need_weights, average_attn_weights=average_weights)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -130,9 +126,7 @@ class CrossAttentionFusion(nn.Module):
             raise ValueError(f"pool must be 'mean' or 'first', got {pool!r}")
         self.text_in = _project(text_dim, dim)
         self.image_in = _project(image_dim, dim)
-        self.layers = nn.ModuleList(
-            CrossAttentionLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(CrossAttentionLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.pool = pool
         self.out_dim = dim

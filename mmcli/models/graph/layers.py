@@ -14,8 +14,9 @@ matrix products, and the dense form batches padding naturally without a heavy de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,7 @@ class GCNLayer(nn.Module):
     """Graph convolution (Kipf & Welling): ``H' = σ(D̃^{-1/2} Ã D̃^{-1/2} H W + b)`` on a
     weighted adjacency with non-negative weights and self-loops ``Ã = A + I``."""
 
-    def __init__(
-        self, in_dim: int, out_dim: int, *, bias: bool = True, activation: Activation = F.relu
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool = True, activation: Activation = F.relu) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
@@ -220,8 +219,12 @@ class RegionConceptGraph(nn.Module):
         grounded = concept_mask if concept_grounded is None else concept_mask & concept_grounded
         regions = region_feats.shape[1]
         adj, _ = bipartite_adjacency(
-            region_feats, concept_feats, region_mask, concept_mask,
-            top_k=self.top_k, temperature=self.temperature,
+            region_feats,
+            concept_feats,
+            region_mask,
+            concept_mask,
+            top_k=self.top_k,
+            temperature=self.temperature,
         )
         node_mask = torch.cat([region_mask, concept_mask], dim=1)
         states = torch.cat([region_feats, concept_feats], dim=1) * node_mask.unsqueeze(-1)

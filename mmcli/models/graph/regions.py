@@ -139,8 +139,7 @@ def _grid_shape(count: int, grid_size: tuple[int, int] | None) -> tuple[int, int
         rows = cols = math.isqrt(count)
     if rows * cols != count:
         raise ValueError(
-            f"{count} patch tokens do not form a {rows}×{cols} grid "
-            "(drop the CLS token, or pass grid_size)"
+            f"{count} patch tokens do not form a {rows}×{cols} grid (drop the CLS token, or pass grid_size)"
         )
     return rows, cols
 
@@ -151,9 +150,7 @@ def _cell_size(image_size: ImageSize, grid: tuple[int, int]) -> tuple[float, flo
     return height / grid[0], width / grid[1]
 
 
-def _grid_rois(
-    boxes: list[Tensor], image_size: ImageSize, grid: tuple[int, int], device: torch.device
-) -> Tensor:
+def _grid_rois(boxes: list[Tensor], image_size: ImageSize, grid: tuple[int, int], device: torch.device) -> Tensor:
     """``[K, 5]`` rows ``(image index, x0, y0, x1, y1)`` in grid-cell units, as roi_align wants."""
     cell_h, cell_w = _cell_size(image_size, grid)
     scale = torch.tensor([cell_w, cell_h, cell_w, cell_h], device=device)
@@ -228,9 +225,7 @@ def _flood(mask: list[list[bool]], seen: list[list[bool]], row: int, col: int) -
     return cells
 
 
-def _bounding_box(
-    cells: list[tuple[int, int]], cell: tuple[float, float]
-) -> tuple[float, float, float, float]:
+def _bounding_box(cells: list[tuple[int, int]], cell: tuple[float, float]) -> tuple[float, float, float, float]:
     """Pixel box ``(x0, y0, x1, y1)`` around grid ``cells`` of size ``cell`` = (height, width)."""
     rows = [r for r, _ in cells]
     cols = [c for _, c in cells]

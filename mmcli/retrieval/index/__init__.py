@@ -37,7 +37,6 @@ __all__ = [
     "index_exists",
     "shard_path",
     "sidecar_path",
-    
     # writer
     "IndexWriter",
     "ResumeState",

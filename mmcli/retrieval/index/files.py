@@ -7,7 +7,6 @@ import glob
 import io
 import os
 import re
-from typing import Union
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -42,15 +41,16 @@ def shard_path(base: str, rank: int, world_size: int) -> str:
     return f"{_check_npy_path(base)[:-4]}.rank{rank:05d}-of-{world_size:05d}.npy"
 
 
-def index_exists(path: Union[str, os.PathLike]) -> bool:
+def index_exists(path: str | os.PathLike) -> bool:
     """Whether a complete index exists at ``path``: the file and its sidecar, or a full shard set."""
     path = os.fspath(path)
     if _complete(path):
         return True
     if _base_of(path) != path or not path.endswith(".npy"):
         return False
-    return any(len(ranks) == world and all(_complete(p) for p in ranks.values())
-               for world, ranks in _shard_files(path).items())
+    return any(
+        len(ranks) == world and all(_complete(p) for p in ranks.values()) for world, ranks in _shard_files(path).items()
+    )
 
 
 def _complete(path: str) -> bool:
@@ -65,7 +65,7 @@ def _progress(path: str) -> str:
     return path + ".partial.json"
 
 
-def _check_npy_path(path: Union[str, os.PathLike]) -> str:
+def _check_npy_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.endswith(".npy"):
         raise MmcliError(f"index path must end with .npy: {path}")

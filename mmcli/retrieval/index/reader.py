@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class RowConcat:
         return out if dtype is None else out.astype(dtype)
 
 
-Embeddings = Union[np.ndarray, RowConcat]
+Embeddings = np.ndarray | RowConcat
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Index:
         return self.embeddings.shape[0]
 
 
-def open_index(path: Union[str, os.PathLike]) -> Index:
+def open_index(path: str | os.PathLike) -> Index:
     """Open the index at ``path`` (``emb.npy``; shards are found from that base name)."""
     path = _check_npy_path(path)
     files = _index_files(path)
@@ -124,7 +124,7 @@ def _index_files(path: str) -> list[str]:
         raise MmcliError(f"{path} and shards of it both exist; remove one of them")
     if len(shards) > 1:
         raise MmcliError(f"shards of {path} from runs with {sorted(shards)} ranks both exist; remove the stale ones")
-    (world, ranks), = shards.items()
+    ((world, ranks),) = shards.items()
     for rank in range(world):
         if rank not in ranks:
             raise _missing(shard_path(path, rank, world))
@@ -133,8 +133,9 @@ def _index_files(path: str) -> list[str]:
 
 def _missing(path: str) -> MmcliError:
     if os.path.exists(_partial(path)) or _shard_files(path, suffix=".partial"):
-        return MmcliError(f"index {path} is incomplete (a .partial file exists): "
-                          "re-run embed with the same --out to resume")
+        return MmcliError(
+            f"index {path} is incomplete (a .partial file exists): re-run embed with the same --out to resume"
+        )
     return MmcliError(f"index file not found: {path}")
 
 
@@ -144,8 +145,11 @@ def _open_one(path: str) -> tuple[np.ndarray, dict]:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise MmcliError(f"cannot read index {path}: {exc}") from exc
-    found = {"count": array.shape[0] if array.ndim == 2 else None,
-             "dim": array.shape[1] if array.ndim == 2 else None, "dtype": str(array.dtype)}
+    found = {
+        "count": array.shape[0] if array.ndim == 2 else None,
+        "dim": array.shape[1] if array.ndim == 2 else None,
+        "dtype": str(array.dtype),
+    }
     for key, value in found.items():
         if meta[key] != value:
             raise MmcliError(f"{path}: sidecar says {key}={meta[key]} but the array has {value}; re-run embed")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def iter_row_blocks(embeddings: Embeddings, rows: int) -> Iterator[tuple[int, np
 
 
 def search_exact(
-    source: Union[Index, Embeddings], queries: np.ndarray, k: int, *, chunk_rows: int = 262_144
+    source: Index | Embeddings, queries: np.ndarray, k: int, *, chunk_rows: int = 262_144
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` of ``queries`` (Q×D, L2-normalised) among the rows of ``source``.
 

@@ -8,7 +8,6 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional, Union
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -34,8 +33,21 @@ from mmcli.retrieval.index.files import (
 )
 
 # Sidecar fields the writer sets itself; the same keys in ``meta`` are ignored.
-_WRITER_KEYS = {"format", "version", "model", "modality", "dim", "dtype", "count", "created", "root",
-                "items", "skipped", "complete", "shard"}
+_WRITER_KEYS = {
+    "format",
+    "version",
+    "model",
+    "modality",
+    "dim",
+    "dtype",
+    "count",
+    "created",
+    "root",
+    "items",
+    "skipped",
+    "complete",
+    "shard",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +83,7 @@ class IndexWriter:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         *,
         dim: int,
         dtype: str = "float32",
@@ -99,7 +111,7 @@ class IndexWriter:
         self._last_flush = time.monotonic()
 
     @staticmethod
-    def resume_state(path: Union[str, os.PathLike]) -> Optional[ResumeState]:
+    def resume_state(path: str | os.PathLike) -> ResumeState | None:
         """Rows, items and skipped items already saved by an interrupted run into ``path``.
 
         ``None`` when there is nothing to resume (no partial output, or no progress saved yet).
@@ -138,8 +150,14 @@ class IndexWriter:
     def flush(self) -> None:
         """Save the rows and the progress so that a crash after this loses nothing before it."""
         self._array.flush()  # rows reach the file before the progress that counts them
-        progress = {"rows": self.rows_done, "dim": self.dim, "dtype": self.dtype, "meta": self.meta,
-                    "items": self.items, "skipped": self.skipped}
+        progress = {
+            "rows": self.rows_done,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "meta": self.meta,
+            "items": self.items,
+            "skipped": self.skipped,
+        }
         atomic_write_json(_progress(self.path), progress, indent=None)
         self._last_flush = time.monotonic()
 
@@ -160,7 +178,7 @@ class IndexWriter:
         _unlink(_progress(self.path))
         return self.path
 
-    def __enter__(self) -> "IndexWriter":
+    def __enter__(self) -> IndexWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -176,12 +194,17 @@ class IndexWriter:
             self.flush()
 
     def _check_resumable(self, state: ResumeState) -> None:
-        for name, before, now in (("dim", state.dim, self.dim), ("dtype", state.dtype, self.dtype),
-                                  ("model", state.meta.get("model"), self.meta["model"]),
-                                  ("modality", state.meta.get("modality"), self.meta["modality"])):
+        for name, before, now in (
+            ("dim", state.dim, self.dim),
+            ("dtype", state.dtype, self.dtype),
+            ("model", state.meta.get("model"), self.meta["model"]),
+            ("modality", state.meta.get("modality"), self.meta["modality"]),
+        ):
             if before != now:
-                raise MmcliError(f"{_partial(self.path)} was started with another {name} ({before} vs {now}); "
-                                 "pass --overwrite to start again")
+                raise MmcliError(
+                    f"{_partial(self.path)} was started with another {name} ({before} vs {now}); "
+                    "pass --overwrite to start again"
+                )
 
     def _open_partial(self, capacity: int, *, resume: bool) -> np.memmap:
         partial = _partial(self.path)
@@ -205,12 +228,26 @@ class IndexWriter:
         shard = _SHARD_RE.match(os.path.basename(self.path))
         if shard:
             extra["shard"] = {"rank": int(shard["rank"]), "world_size": int(shard["world"])}
-        created = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "mmcli": __version__, "host": socket.gethostname()}
-        return {"format": FORMAT, "version": VERSION, "model": self.meta["model"],
-                "modality": self.meta["modality"], "dim": self.dim, "dtype": self.dtype,
-                "count": self.rows_done, "created": created, "root": self.meta.get("root"), **extra,
-                "items": self.items, "skipped": self.skipped, "complete": True}
+        created = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "mmcli": __version__,
+            "host": socket.gethostname(),
+        }
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.meta["model"],
+            "modality": self.meta["modality"],
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "count": self.rows_done,
+            "created": created,
+            "root": self.meta.get("root"),
+            **extra,
+            "items": self.items,
+            "skipped": self.skipped,
+            "complete": True,
+        }
 
 
 def _check_meta(meta: dict) -> dict:
@@ -235,7 +272,7 @@ def _refuse_existing(path: str) -> None:
             raise MmcliError(f"shards of {base} already exist ({done[0]}); pass --overwrite to replace them")
 
 
-def _shard_world(path: str) -> Optional[int]:
+def _shard_world(path: str) -> int | None:
     match = _SHARD_RE.match(os.path.basename(path))
     return int(match["world"]) if match else None
 
