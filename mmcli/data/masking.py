@@ -22,7 +22,7 @@ import torch
 IGNORE_INDEX = -100
 """Label of the positions that are not predicted; ``torch.nn.functional.cross_entropy``'s default."""
 
-# Shares of the selected tokens (BERT, and the source document); the rest stay unchanged.
+# Shares of the selected tokens (BERT, Devlin et al., 2019); the rest stay unchanged.
 MASK_SHARE = 0.8
 RANDOM_SHARE = 0.1
 

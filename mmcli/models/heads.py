@@ -1,4 +1,7 @@
-"""Prediction heads on top of text or fused features: MLM, image–text matching, answer classes."""
+"""Prediction heads on top of text or fused features: MLM (BERT, Devlin et al. 2019, with the
+decoder tied to the token embedding), image–text matching (ALBEF, Li et al. 2021), answer classes
+(VQA as classification over the training answers, Antol et al. 2015) and the masked-image
+feature predictor (as BEiT/MaskFeat predict features of masked patches)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The multimodal model: an open_clip dual encoder plus the optional modules later stages add.
+"""The multimodal model: an open_clip dual encoder (CLIP, Radford et al. 2021) plus the optional
+modules later stages add (a fusion encoder as in ALBEF, Li et al. 2021; MLM, ITM, MIM and task heads).
 
 Extra modules are described by a plain dict (saved as ``"modules"`` in a run's ``mmcli.json``),
 one entry per module with the constructor's arguments, so a run folder rebuilds its own model::

@@ -30,7 +30,7 @@ def contrastive_loss(
 
 
 def masked_lm_loss(out) -> torch.Tensor:
-    """Mean cross-entropy over the selected positions (the source's Σ_{i∈M} −log P(w_i | w_\\M),
+    """Mean cross-entropy over the selected positions (BERT's Σ_{i∈M} −log P(w_i | w_\\M),
     divided by |M| so the loss does not grow with the batch); 0 when nothing was selected."""
     if out.targets.numel() == 0:
         return out.logits.sum() * 0.0

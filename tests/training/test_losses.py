@@ -28,7 +28,7 @@ def test_two_pairs_by_hand():
     v = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     tau = 0.5
     e = math.exp
-    # The source document's formula (text i against all images j) ...
+    # InfoNCE as CLIP writes it (text i against all images j) ...
     text_to_image = -0.5 * (
         math.log(e(1 / tau) / (e(1 / tau) + e(0 / tau))) + math.log(e(0.8 / tau) / (e(0.6 / tau) + e(0.8 / tau)))
     )

@@ -1,5 +1,11 @@
 """Fusion of text and image features: early, late, hybrid and cross-attention strategies.
 
+Cross-attention is ALBEF's fusion encoder (Li et al., 2021; co-attention as in ViLBERT, Lu et
+al. 2019); early fusion is one transformer over both token sequences (single-stream, as
+VisualBERT/UNITER); late fusion combines the two pooled CLIP embeddings (gated: a learned
+per-feature gate, as in gated multimodal units, Arevalo et al. 2017); hybrid runs early and late
+side by side.
+
 Every strategy has one contract: ``forward(inputs: dict[str, Tensor]) -> Tensor[B, out_dim]``,
 reading only the keys it needs from
 
@@ -41,7 +47,8 @@ class CrossAttentionLayer(nn.Module):
     """Text self-attention, then text→image cross-attention, then a feed-forward network.
 
     Each sub-block is pre-LayerNorm with a residual connection. The cross-attention is the
-    source's multi-head fusion: Q from the text tokens, K and V from the image tokens,
+    multi-head attention of the Transformer (Vaswani et al., 2017) as ALBEF and ViLBERT use it for
+    fusion: Q from the text tokens, K and V from the image tokens,
     A = softmax(QKᵀ/√d) per head (d = dim / heads), O = AV, the heads concatenated and
     projected by the out-projection. ``nn.MultiheadAttention`` computes exactly that.
     """

@@ -2,9 +2,10 @@
 
 Image regions and text concepts are the two sides of a graph whose edges start from their
 cosine similarity (``bipartite_adjacency``). ``RegionConceptGraph`` then alternates message
-passing (GCN or GAT) with re-weighting the edges from the new node states, until the states stop
-changing or an iteration budget runs out; the final edge weights are the region–concept
-alignment, and ``alignment_features`` summarises it for a prediction head.
+passing (GCN, Kipf & Welling 2017, or GAT, Veličković et al. 2018) with re-weighting the edges
+from the new node states, until the states stop changing or an iteration budget runs out; the
+final edge weights are the region–concept alignment, and ``alignment_features`` summarises it
+for a prediction head.
 
 Graphs are batched as dense tensors: node features ``[B, V, D]``, a weighted adjacency
 ``[B, V, V]`` and a node mask ``[B, V]`` (``False`` for padding). The layers are written in plain

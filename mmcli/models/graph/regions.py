@@ -1,5 +1,8 @@
 """Image regions for the region–concept graph: boxes, their features and their geometry.
 
+Region features are pooled as in two-stage detectors (RoIAlign, Mask R-CNN, He et al. 2017),
+from the patch grid of a ViT (Dosovitskiy et al., 2021) instead of a CNN feature map.
+
 A ViT's patch tokens form a ``g×g`` grid over the image (row-major, no CLS token). Region
 features are pooled from that grid with ``torchvision.ops.roi_align`` for given boxes (from a
 detector or a dataset's annotations); without boxes, ``salient_regions`` proposes some from the
