@@ -32,9 +32,16 @@ LAYERS = {
 """Rank of each top-level part: a module may import its own part and parts of a lower rank.
 ``distributed`` (device and process group) is used by every stage, like ``errors`` and ``io``."""
 
-ALLOWED_ACROSS = {("__main__", "cli"), ("evaluation", "retrieval"), ("models", "data"), ("io", "errors")}
+ALLOWED_ACROSS = {
+    ("__main__", "cli"),
+    ("evaluation", "retrieval"),
+    ("evaluation", "viz"),
+    ("models", "data"),
+    ("io", "errors"),
+}
 """Imports between parts of the same rank, each allowed in one direction only: evaluation embeds
-with the retrieval stage's code; model heads use the data stage's ignore index of masking."""
+with the retrieval stage's code and draws its confusion matrices with viz; model heads use the
+data stage's ignore index of masking."""
 
 MAX_TOP_LEVEL = 6
 

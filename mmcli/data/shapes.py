@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmcli.errors import MmcliError
-from mmcli.io import atomic_write_text
+from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, atomic_write_text
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -348,7 +348,7 @@ def write_split(out: Path, split: str, count: int, seed: int, image_size: int) -
         image.save(out / record["image"], format="PNG", compress_level=1)
         records.append(record)
     _write_text(out / f"{split}.jsonl", (json.dumps(r, separators=(",", ":")) for r in records))
-    header = "filepath\ttitle\tlabel" if split == "classify" else "filepath\ttitle"
+    header = f"{DEFAULT_IMAGE_KEY}\t{DEFAULT_TEXT_KEY}" + ("\tlabel" if split == "classify" else "")
     rows = ("\t".join([r["image"], r["caption"]] + ([r["label"]] if split == "classify" else [])) for r in records)
     _write_text(out / f"{split}.tsv", [header, *rows])
 

@@ -15,6 +15,7 @@ from mmcli.data.sources import read_records, source_format
 from mmcli.errors import MmcliError
 from mmcli.evaluation import metrics
 from mmcli.spec import LabelledSourceSpec, LinearProbeTaskSpec, RetrievalTaskSpec, SourceSpec, ZeroShotTaskSpec
+from mmcli.viz.confusion import plot_confusion
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -125,7 +126,7 @@ def zero_shot(embedder: Embedder, spec: ZeroShotTaskSpec, *, confusion_png: str)
     logits = emb @ weights.T
     scores = metrics.zero_shot_accuracy(logits, y[ok], len(names))
     matrix = metrics.confusion_matrix(logits.argmax(1), y[ok], len(names))
-    metrics.plot_confusion(matrix, names, confusion_png, title=f"zero-shot confusion ({Path(spec.path).name})")
+    plot_confusion(matrix, names, confusion_png, title=f"zero-shot confusion ({Path(spec.path).name})")
     return {
         "acc1": scores["top1"],
         "acc5": scores["top5"],

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mmcli.evaluation import metrics as m
+from mmcli.viz.confusion import plot_confusion
 
 # --------------------------------------------------------------------------------------------
 # retrieval
@@ -94,13 +95,13 @@ def test_confusion_matrix_rows_are_true_classes():
 
 
 def test_plot_confusion_writes_a_png_that_grows_with_the_classes(tmp_path):
-    small = m.plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "small.png")
+    small = plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "small.png")
     names = [f"class {i}" for i in range(40)]
-    large = m.plot_confusion(np.eye(40, dtype=int), names, tmp_path / "large.png")
+    large = plot_confusion(np.eye(40, dtype=int), names, tmp_path / "large.png")
     with Image.open(small) as a, Image.open(large) as b:
         assert a.format == b.format == "PNG" and b.width > 2 * a.width
     with pytest.raises(ValueError, match="2×2"):
-        m.plot_confusion(np.eye(3), ["a", "b"], tmp_path / "bad.png")
+        plot_confusion(np.eye(3), ["a", "b"], tmp_path / "bad.png")
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def build(strategy: str) -> nn.Module:
 
 
 def hand_cross_attention(layer: CrossAttentionLayer, text, image):
-    """Scaled dot-product attention (Vaswani et al., 2017) per head: A = softmax(QKᵀ/√d), O = AV; heads concatenated, projected."""
+    """Scaled dot-product attention (Vaswani et al., 2017) per head: A = softmax(QKᵀ/√d), O = AV;
+    heads concatenated, projected."""
     attn = layer.cross_attn
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3)

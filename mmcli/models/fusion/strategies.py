@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmcli.spec.choices import LATE_MODES
+from mmcli.spec.choices import LATE_MODES, POOLS
 
 Inputs = dict[str, torch.Tensor]
 
@@ -129,8 +129,8 @@ class CrossAttentionFusion(nn.Module):
         pool: str = "mean",
     ):
         super().__init__()
-        if pool not in ("mean", "first"):
-            raise ValueError(f"pool must be 'mean' or 'first', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.text_in = _project(text_dim, dim)
         self.image_in = _project(image_dim, dim)
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth))
