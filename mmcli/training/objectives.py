@@ -108,17 +108,20 @@ def itm_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world
     images, captions, labels = itm_pairs(outputs, texts)
     states = _shared_text_states(model, outputs, texts)
     inputs = model.fusion_inputs(
-        texts[captions],
-        states[captions],
+        _take(texts, captions),
+        _take(states, captions),
         image_tokens=_take(outputs.get("image_tokens"), images),
-        image_pooled=outputs["image_features"][images],
-        text_pooled=outputs["text_features"][captions],
+        image_pooled=_take(outputs["image_features"], images),
+        text_pooled=_take(outputs["text_features"], captions),
     )
     return F.cross_entropy(model.itm_head(model.fusion(inputs)).float(), labels)
 
 
 def _take(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    return None if tensor is None else tensor[index]
+    # index_select, not tensor[index]: the backward of advanced indexing with repeated indices
+    # (every row here is taken several times) accumulates in a thread-dependent order on CPU, so
+    # two runs of the same spec ended with different weights; index_select's backward does not.
+    return None if tensor is None else tensor.index_select(0, index)
 
 
 def mim_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
