@@ -88,6 +88,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process is killed
+    (``.NAME.*.tmp``) in ``folder``; return them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -114,6 +123,48 @@ def file_checksum(path: str | os.PathLike) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+_CHECKSUMS: dict[str, tuple[tuple[int, int, int], str]] = {}
+_CACHE_ENTRIES = 2000
+
+
+def checksum_cache_dir() -> Path:
+    """Where verified weight checksums are remembered between processes: ``$MMCLI_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/mmcli``, else ``~/.cache/mmcli``."""
+    if os.environ.get("MMCLI_CACHE_DIR"):
+        return Path(os.environ["MMCLI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmcli"
+
+
+def cached_checksum(path: str | os.PathLike) -> str:
+    """:func:`file_checksum` of ``path``, hashed again only when its size, modification time or
+    inode changed since it was last hashed (in this process, or in any, through a small JSON
+    file in :func:`checksum_cache_dir`). A file rewritten with the same size and the same
+    nanosecond modification time would not be hashed again."""
+    key = os.path.realpath(path)
+    st = os.stat(key)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _CHECKSUMS and _CHECKSUMS[key][0] == stamp:
+        return _CHECKSUMS[key][1]
+    cache_file = checksum_cache_dir() / "checksums.json"
+    try:
+        saved = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    entry = saved.get(key) if isinstance(saved, dict) else None
+    if isinstance(entry, list) and len(entry) == 4 and tuple(entry[:3]) == stamp:
+        digest = entry[3]
+    else:
+        digest = file_checksum(key)
+        saved = dict(list(saved.items())[-(_CACHE_ENTRIES - 1) :]) if isinstance(saved, dict) else {}
+        saved[key] = [*stamp, digest]
+        try:
+            atomic_write_json(cache_file, saved, indent=None)
+        except OSError:
+            pass  # an unwritable cache costs a hash next time, nothing else
+    _CHECKSUMS[key] = (stamp, digest)
+    return digest
+
+
 def is_run_dir(ref: str | os.PathLike) -> bool:
     """True when ``ref`` is a folder written by ``mmcli pretrain``/``fuse``."""
     return (Path(ref) / MMCLI_META).is_file()
@@ -124,4 +175,97 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / MMCLI_META
     if not path.is_file():
         raise MmcliError(f"{run_dir}: not an mmcli run folder (no {MMCLI_META})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MmcliError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MmcliError(f"{path}: not an mmcli run description (a JSON object is expected)")
+    return meta
+
+
+class FileLock:
+    """An exclusive, non-blocking ``flock`` on the file ``path`` (created, with its folder, if absent),
+    held by one process at a time: the second one gets an :class:`MmcliError` naming ``what`` and
+    the holder's pid, which the holder writes into the file.
+
+    The kernel releases a ``flock`` when the last descriptor of its open file is closed, which it does
+    when the holder exits however it exits (SIGKILL, OOM kill, power loss of the process): a lock left
+    behind by a dead process never blocks anyone; its file stays, naming the dead pid, until the next
+    holder takes it. :meth:`release` removes the file while still holding the lock; a process that
+    opened it just before then locks a file no longer at ``path``, notices, and retries.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
+    def acquire(self) -> FileLock:
+        """Take the lock, or raise :class:`MmcliError` at once if another process holds it."""
+        import fcntl  # POSIX only; imported here so that ``mmcli --help`` never pays for it
+
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already locked by this object")
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise MmcliError(f"{self.path}: cannot create the lock file of {self.what} ({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise MmcliError(
+                    f"{self.what} is being written by another process (pid {holder}, lock {self.path}); "
+                    "wait for it to finish, or stop it"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed the file between our open and our lock: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (nothing happens when it is not held)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:
+        # Dropped while held: as when the holder dies, the descriptor closes and the file stays.
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

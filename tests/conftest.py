@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Verified weight checksums are cached per user; the tests (and their subprocesses) keep their own.
+os.environ.setdefault("MMCLI_CACHE_DIR", tempfile.mkdtemp(prefix="mmcli-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -74,22 +74,22 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     from mmcli.models.loading import load_model
     from mmcli.training.checkpoint import resume_into, save_spec
     from mmcli.training.loop import train
-    from mmcli.training.runs import prepare_run_dir, seed_everything
+    from mmcli.training.runs import check_run_dir, run_folder, seed_everything
     from mmcli.training.tasks import FuseTask
 
     if spec.data.batch_size % world.world_size:
         raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
-    run_dir = prepare_run_dir(spec, resume=resume, is_main=world.is_main)
+    run_dir = spec.run_dir()
+    if run_dir.resolve() == Path(spec.base).resolve():
+        raise MmcliError(f"output: the run folder {run_dir} is the base run; give the fuse run another output.name")
+    if world.is_main:  # early, before the base run is loaded; run_folder checks again
+        check_run_dir(run_dir, resume=resume, overwrite=spec.output.overwrite)
     seed_everything(spec.train.seed)
     base = load_model(spec.base, device=world.device)
     examples = _examples(spec, spec.data.train)
     labels = answer_vocabulary(examples) if spec.task == "vqa" else ITM_LABELS
     modules = fuse_modules(base.model, spec.base, spec, labels)
     model = build_fuse_model(base.model, modules, reused_modules(base.model, spec)).to(world.device)
-    resume_state = resume_into(run_dir, model, resume)
-    if world.is_main:
-        save_spec(run_dir, spec)
-        shutil.copyfile(Path(spec.base) / io.OPEN_CLIP_CONFIG, run_dir / io.OPEN_CLIP_CONFIG)
 
     # The deterministic transform: a random crop could cut a shape off and change the answer.
     tokenize = Tokenize(base.tokenizer)
@@ -124,25 +124,32 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     }
     if spec.task == "vqa":
         meta["answer_prior"] = answer_prior(examples)
-    task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
-    result = train(
-        task,
-        loaders=loaders,
-        batches_per_epoch=per_epoch,
-        spec=spec.train,
-        world=world,
-        run_dir=run_dir,
-        meta=meta,
-        validate=validate,
-        resume=resume_state,
-        progress_label=f"fuse {spec.task}",
-    )
+    # Everything above checked the spec, the base run and the data; only now is the folder touched.
+    with run_folder(run_dir, resume=resume, overwrite=spec.output.overwrite, is_main=world.is_main):
+        resume_state = resume_into(run_dir, model, resume)
+        if world.is_main:
+            save_spec(run_dir, spec)
+            shutil.copyfile(Path(spec.base) / io.OPEN_CLIP_CONFIG, run_dir / io.OPEN_CLIP_CONFIG)
+        task = FuseTask(model, spec.task, frozen=spec.encoders == "frozen")
+        result = train(
+            task,
+            loaders=loaders,
+            batches_per_epoch=per_epoch,
+            spec=spec.train,
+            world=world,
+            run_dir=run_dir,
+            meta=meta,
+            validate=validate,
+            resume=resume_state,
+            progress_label=f"fuse {spec.task}",
+        )
     return {
         "parameters": count_parameters(model),
         "trained_parameters": count_parameters(task),
         "steps": result.steps,
         "interrupted": result.interrupted,
         "samples_per_s": round(result.samples_per_s, 1),
+        "skipped": result.skipped,
         "world_size": world.world_size,
         "train": result.last_metrics,
         "val": result.last_validation,

@@ -28,7 +28,7 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
     from mmcli.models.weights import save_open_clip_config
     from mmcli.training.checkpoint import resume_into, save_spec
     from mmcli.training.loop import train
-    from mmcli.training.runs import prepare_run_dir, seed_everything
+    from mmcli.training.runs import check_run_dir, run_folder, seed_everything
     from mmcli.training.tasks import Pretrainer
     from mmcli.training.validation import contrastive_validator
 
@@ -36,17 +36,12 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
     try:
         if spec.data.batch_size % world.world_size:
             raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
-        run_dir = prepare_run_dir(spec, resume=resume, is_main=world.is_main)
+        if world.is_main:  # early, before the model is built; run_folder checks again
+            check_run_dir(spec.run_dir(), resume=resume, overwrite=spec.output.overwrite)
         seed_everything(spec.train.seed)
         encoder = build_dual_encoder(spec.model, device=world.device)
         objectives = spec.objectives.enabled()
         model = build_multimodal(encoder.model, objectives, spec.fusion).to(world.device)
-        resume_state = resume_into(run_dir, model, resume)
-        if world.is_main:
-            save_spec(run_dir, spec)
-            save_open_clip_config(
-                run_dir, with_text_cfg(encoder.model_config, open_clip_text_cfg(model)), encoder.preprocess_config
-            )
 
         per_rank = spec.data.batch_size // world.world_size
         tokenize = Tokenize(encoder.tokenizer)
@@ -88,18 +83,27 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
             "kind": "pretrain",
             "modules": model.modules_config,
         }
-        result = train(
-            Pretrainer(model, objectives, world),
-            loaders=loaders,
-            batches_per_epoch=per_epoch,
-            spec=spec.train,
-            world=world,
-            run_dir=run_dir,
-            meta=meta,
-            validate=validate,
-            resume=resume_state,
-            progress_label="pretrain",
-        )
+        # Everything above checked the spec, the model and the data; only now is the folder touched.
+        with run_folder(
+            spec.run_dir(), resume=resume, overwrite=spec.output.overwrite, is_main=world.is_main
+        ) as run_dir:
+            resume_state = resume_into(run_dir, model, resume)
+            if world.is_main:
+                save_spec(run_dir, spec)
+                text_cfg = open_clip_text_cfg(model)
+                save_open_clip_config(run_dir, with_text_cfg(encoder.model_config, text_cfg), encoder.preprocess_config)
+            result = train(
+                Pretrainer(model, objectives, world),
+                loaders=loaders,
+                batches_per_epoch=per_epoch,
+                spec=spec.train,
+                world=world,
+                run_dir=run_dir,
+                meta=meta,
+                validate=validate,
+                resume=resume_state,
+                progress_label="pretrain",
+            )
         return {
             "run_dir": str(run_dir),
             "arch": spec.model.arch,
@@ -107,6 +111,7 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
             "steps": result.steps,
             "interrupted": result.interrupted,
             "samples_per_s": round(result.samples_per_s, 1),
+            "skipped": result.skipped,
             "world_size": world.world_size,
             "is_main": world.is_main,
             "device": str(world.device),

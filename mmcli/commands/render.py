@@ -52,6 +52,8 @@ def render_pretrain_summary(result: dict[str, Any]) -> None:
         ("samples/s", result["samples_per_s"]),
         ("train loss", train.get("loss", "-")),
     ]
+    if result.get("skipped"):
+        rows.append(("unreadable samples skipped", result["skipped"]))
     if val:
         rows += [
             ("val loss", val.get("val_loss")),
@@ -73,6 +75,8 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
             ("samples/s", result.get("samples_per_s")),
             ("train loss", result.get("train", {}).get("loss", "-")),
         ]
+        if result.get("skipped"):
+            rows.append(("unreadable samples skipped", result["skipped"]))
     report = result.get("report", {})
     if report:
         rows.append((f"val accuracy (n={report['n']})", report["accuracy"]))
@@ -81,8 +85,10 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
             rows.append(("majority answer per type", report["type_majority_baseline"]))
         rows += [(f"  {kind} (n={v['n']})", v["accuracy"]) for kind, v in report["per_type"].items()]
     for mode, mlm in result.get("base_mlm", {}).items():
-        groups = ", ".join(f"{g} {v['accuracy']:.3f}" for g, v in mlm["groups"].items())
-        rows.append((f"base MLM {mode.replace('_', '-')}", f"{groups}; random-15% {mlm['random']['accuracy']:.3f}"))
+        groups = ", ".join(f"{g} {_fraction(v['accuracy'])}" for g, v in mlm["groups"].items())
+        rows.append(
+            (f"base MLM {mode.replace('_', '-')}", f"{groups}; random-15% {_fraction(mlm['random']['accuracy'])}")
+        )
     if "predictions" in result:
         rows += [("predictions", result["predictions"]), ("fused features", result["features"])]
     if "explain" in result:
@@ -171,6 +177,11 @@ def report_faiss_build(result: dict[str, Any]) -> None:
             f"recall@10 against exact search: {search['recall_at_10']:.3f}",
             file=sys.stderr,
         )
+
+
+def _fraction(value: float | None) -> str:
+    """A rate to three decimals, or n/a when nothing was scored."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def render_eval(result: dict[str, Any]) -> None:

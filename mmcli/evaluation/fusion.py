@@ -205,4 +205,5 @@ def _score(counter: Counter, out) -> None:
 
 
 def _rate(counter: Counter) -> dict[str, Any]:
-    return {"accuracy": round(counter["hits"] / counter["n"], 4) if counter["n"] else 0.0, "n": counter["n"]}
+    # None, not 0: nothing was scored, so there is no accuracy to report
+    return {"accuracy": round(counter["hits"] / counter["n"], 4) if counter["n"] else None, "n": counter["n"]}

@@ -128,13 +128,17 @@ def text_encoder_for(run_dir: Path) -> FastTextEncoder | None:
     """The fast encoder for a run folder's text tower, or ``None`` when its config is not standard."""
     from safetensors import safe_open
 
+    from mmcli import io
+    from mmcli.models.weights import verify_files
+
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "open_clip_config.json").read_text(encoding="utf-8"))
+    verify_files(run_dir, io.read_meta(run_dir), (io.OPEN_CLIP_WEIGHTS,))
+    config = json.loads((run_dir / io.OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
     model_cfg = config.get("model_cfg", config)
     if not is_standard_text_tower(model_cfg):
         return None
     weights = {}
-    with safe_open(str(run_dir / "open_clip_model.safetensors"), framework="pt") as f:
+    with safe_open(str(run_dir / io.OPEN_CLIP_WEIGHTS), framework="pt") as f:
         for key in f.keys():
             if key.startswith(TEXT_PREFIXES):
                 weights[key] = f.get_tensor(key).float()

@@ -13,7 +13,7 @@ import torch
 from mmcli import io
 from mmcli.errors import MmcliError
 from mmcli.models.multimodal import MultimodalModel
-from mmcli.models.weights import load_weights_into
+from mmcli.models.weights import load_weights_into, verify_files
 
 
 @dataclass
@@ -57,8 +57,14 @@ def _load_run(run_dir: Path, device) -> LoadedModel:
     from mmcli.models.encoders import _quiet_open_clip
 
     meta = io.read_meta(run_dir)
-    with _quiet_open_clip():
-        clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir}", device="cpu")
+    verify_files(run_dir, meta, (io.OPEN_CLIP_WEIGHTS, io.EXTRA_WEIGHTS))
+    from safetensors import SafetensorError
+
+    try:
+        with _quiet_open_clip():
+            clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir}", device="cpu")
+    except SafetensorError as exc:
+        raise MmcliError(f"{run_dir / io.OPEN_CLIP_WEIGHTS}: not a readable safetensors file ({exc})") from None
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir}")
     model = MultimodalModel.from_modules(clip, meta.get("modules", {}))
     load_weights_into(run_dir, model)
@@ -68,22 +74,39 @@ def _load_run(run_dir: Path, device) -> LoadedModel:
         tokenizer=tokenizer,
         ref=str(run_dir.resolve()),
         arch=meta.get("arch", "?"),
-        checksum=meta.get("checksum") or io.file_checksum(run_dir / io.OPEN_CLIP_WEIGHTS),
+        checksum=meta.get("checksum") or io.cached_checksum(run_dir / io.OPEN_CLIP_WEIGHTS),
         meta=meta,
     )
 
 
+def _is_architecture(name: str) -> bool:
+    import open_clip
+
+    from mmcli.models.encoders import PRESETS
+
+    return name in PRESETS or name in open_clip.list_models()
+
+
 def _load_arch(ref: str, device) -> LoadedModel:
+    from pydantic import ValidationError
+
+    from mmcli.errors import describe_validation_error
     from mmcli.models.encoders import build_dual_encoder
     from mmcli.spec import ModelSpec
 
     arch, _, pretrained = ref.partition(":") if not ref.startswith("hf-hub:") else (ref, "", "")
     if not pretrained and not arch.startswith("hf-hub:"):
+        if not _is_architecture(arch):
+            raise MmcliError(f"--model {ref}: no such run folder (and not an open_clip architecture name)")
         raise MmcliError(
             f"--model {ref}: an architecture without weights embeds nothing useful; give a run folder "
             f"(runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag)"
         )
-    encoder = build_dual_encoder(ModelSpec(arch=arch, pretrained=pretrained or None), device="cpu")
+    try:
+        model_spec = ModelSpec(arch=arch, pretrained=pretrained or None)
+    except ValidationError as exc:
+        raise MmcliError(f"--model {ref}: {describe_validation_error(exc)}") from None
+    encoder = build_dual_encoder(model_spec, device="cpu")
     if pretrained and Path(pretrained).is_file():
         checksum = io.file_checksum(Path(pretrained))
     else:  # a hub tag names fixed published weights

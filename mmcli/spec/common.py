@@ -2,13 +2,67 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
+from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from braceexpand import braceexpand
+from pydantic import Field, field_validator, model_validator
 
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 from mmcli.spec.base import Section
 from mmcli.spec.choices import PRECISIONS, SOURCE_FORMATS, literal
+
+# --------------------------------------------------------------------------------------------
+# names and URLs
+# --------------------------------------------------------------------------------------------
+
+ARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A model name: letters, digits, ``.``, ``_``, ``-`` (the file stem open_clip registers it under)."""
+
+ARCH_REFERENCE_PREFIXES = ("hf-hub:", "local-dir:")
+"""References that open_clip resolves itself (a hub id, a folder), allowed in ``model.arch``."""
+
+
+def check_arch_name(name: str) -> str:
+    """``name`` if it is a plain model name (see :data:`ARCH_NAME`, no ``..``), else ValueError."""
+    if not ARCH_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{name[:80]!r} is not a model name: use letters, digits, '-', '_' and '.' (no '/', no '..')")
+    return name
+
+
+def first_non_finite(value: Any, where: str = "") -> str | None:
+    """The ``.key[index]`` path of the first infinite or NaN float inside nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = first_non_finite(child, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
+def url_scheme(url: str) -> str:
+    """The scheme webdataset's ``gopen`` dispatches ``url`` on (``urlparse``; ``""`` for a path)."""
+    try:
+        return urlparse(url).scheme
+    except ValueError:  # e.g. an unbalanced "[" in a host part: not a URL gopen could open
+        return ""
+
+
+def command_url(path: str) -> str | None:
+    """The first URL of ``path`` (brace patterns expanded) that webdataset's ``gopen`` would open by
+    running a program, or None. Only plain paths and ``file:`` URLs are opened as files; every other
+    scheme goes to a handler that runs ``sh``, ``curl``, ``gsutil``, ``ais``… (or fails)."""
+    if ":" not in path:  # no scheme in any expansion: the fast path for ordinary files
+        return None
+    for url in braceexpand(path) if "{" in path else (path,):
+        if url_scheme(url) not in ("", "file"):
+            return url
+    return None
+
 
 # --------------------------------------------------------------------------------------------
 # model
@@ -20,11 +74,26 @@ class ModelSpec(Section):
 
     arch: str = "mmcli-tiny"
     """An ``open_clip.list_models()`` name (``ViT-B-32``), an mmcli preset (``mmcli-tiny``,
-    ``mmcli-small``), or a free name when ``config`` is given."""
+    ``mmcli-small``), an ``hf-hub:`` id, or a free name when ``config`` is given. A name is letters,
+    digits, ``-``, ``_`` and ``.`` (never a path: no ``/``, no ``..``); only ``hf-hub:`` and
+    ``local-dir:`` references, without ``config``, hold more."""
 
     config: dict[str, Any] | None = None
     """An inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``); registered
     under ``arch`` before the model is built."""
+
+    @model_validator(mode="after")
+    def _arch_is_a_name(self) -> ModelSpec:
+        if self.config is not None or not self.arch.startswith(ARCH_REFERENCE_PREFIXES):
+            try:
+                check_arch_name(self.arch)
+            except ValueError as exc:
+                raise ValueError(f"arch: {exc}") from None
+        if self.config is not None:
+            where = first_non_finite(self.config)
+            if where is not None:
+                raise ValueError(f"config{where}: must be a finite number (not infinity or NaN)")
+        return self
 
     pretrained: str | None = None
     """Initial weights: a local file (``.safetensors``, or ``.bin``/``.pt`` read with
@@ -66,6 +135,25 @@ class SourceSpec(FileSourceSpec):
     size: int | None = None
     """Number of samples in a webdataset source (needed for epochs and the progress bar);
     counted from the shards when omitted."""
+
+    allow_commands: bool = False
+    """Let a webdataset ``path`` be a URL that webdataset opens by running a program: ``pipe:CMD``
+    (a shell command), ``http(s)``/``sftp``/``ftps``/``scp`` (``curl``), ``gs`` (``gsutil``),
+    ``ais``, ``hf``, ``htgs``, or any other ``scheme:`` (``s3`` through ``USE_AIS_FOR``). Off by
+    default, so a spec can name only local files; set it only for a spec you wrote or trust."""
+
+    @model_validator(mode="after")
+    def _no_commands_unless_allowed(self) -> SourceSpec:
+        # csv/tsv/jsonl/folder paths are opened as files; webdataset (and auto) paths go to gopen.
+        if not self.allow_commands and self.format in ("auto", "webdataset"):
+            url = command_url(self.path)
+            if url is not None:
+                raise ValueError(
+                    f"path: {url[:80]!r} is a URL that webdataset opens by running a program "
+                    f"(scheme {url_scheme(url)!r}); set allow_commands: true on this source to allow it "
+                    "(a local file with ':' in its name: write it as ./NAME)"
+                )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,8 +224,18 @@ class OutputSpec(Section):
     """Parent folder of run folders."""
 
     name: str = "run"
-    """Run folder name: the run is written to ``<dir>/<name>/``."""
+    """Run folder name: the run is written to ``<dir>/<name>/``. One plain path component: not
+    empty, no ``/`` or ``\\``, not starting with a dot (so never ``.`` or ``..``)."""
 
     overwrite: bool = False
     """Start over when the run folder already holds a run (otherwise it is an error; use
-    ``--resume`` to continue it)."""
+    ``--resume`` to continue it). The old run is moved aside until the new one has saved a
+    checkpoint, and put back if the new one fails before; a folder that is not an mmcli run is
+    never replaced."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, name: str) -> str:
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"{name!r} is not a plain folder name (one path component, not starting with a dot)")
+        return name

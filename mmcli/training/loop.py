@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 from mmcli import io
 from mmcli.data.batches import to_device
 from mmcli.distributed import World, all_reduce_mean, barrier
-from mmcli.models.weights import save_weights
+from mmcli.errors import MmcliError
 from mmcli.spec import TrainSpec
 from mmcli.training import checkpoint as ckpt
 from mmcli.training.tasks import TrainingTask
@@ -68,9 +68,17 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     samples: int = 0
+    skipped: int = 0
+    """Training samples left out so far because they could not be read (see ``batch["skipped"]``)."""
 
     def as_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples": self.samples,
+            "skipped": self.skipped,
+        }
 
 
 @dataclass
@@ -82,13 +90,28 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     last_validation: dict[str, Any] = field(default_factory=dict)
     samples_per_s: float = 0.0
+    skipped: int = 0
+
+
+class StopWaiting(Exception):
+    """Raised by the first signal while the loop waits for data: no step has begun, so the run
+    can be saved at once instead of after a batch that may never come."""
 
 
 class StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+    """Turns the first SIGINT/SIGTERM into a request to save and stop after the current step.
 
-    def __init__(self) -> None:
+    While the loop waits for data (``waiting``) the first signal stops the wait at once
+    (:class:`StopWaiting`). A second signal stops at once (``KeyboardInterrupt``), except during
+    a save (``saving``): the save finishes first, so a checkpoint is never left half-written.
+    """
+
+    def __init__(self, interrupt_waits: bool = True) -> None:
         self.requested = False
+        self.waiting = False
+        self.saving = False
+        self.abort_after_save = False
+        self.interrupt_waits = interrupt_waits
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -100,9 +123,26 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.saving:
+            self.abort_after_save = self.requested
+            self.requested = True
+            return
         if self.requested:  # a second signal stops at once
             raise KeyboardInterrupt
         self.requested = True
+        if self.waiting and self.interrupt_waits:
+            raise StopWaiting
+
+    @contextmanager
+    def save_in_progress(self) -> Iterator[None]:
+        """Signals during the block wait for its end; a second one then stops at once."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.abort_after_save:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -191,7 +231,7 @@ class _Loop:
         self.weights = self.task.loss_weights()
 
     # -- one optimizer step ---------------------------------------------------------------------
-    def step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def step(self, micro_batches: list[dict], number: int) -> dict[str, float]:
         self.runner.train()
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
@@ -207,25 +247,35 @@ class _Loop:
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / len(micro_batches)
         if self.spec.grad_clip is not None:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.spec.grad_clip))
+        self.stop_if_not_finite(sums, number)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.task.after_step()
         return sums
 
-    # -- bookkeeping --------------------------------------------------------------------------------
-    def save(self, state: Progress) -> None:
-        if self.world.is_main:
-            save_weights(self.run_dir, self.model, {**self.meta, **state.as_dict()})
-            ckpt.save_train_state(
-                self.run_dir,
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "progress": state.as_dict(),
-                    "rng": ckpt.rng_state(),
-                },
+    def stop_if_not_finite(self, sums: dict[str, float], number: int) -> None:
+        """Stop before the optimizer step when a loss or the gradient norm is NaN or infinite: the
+        weights are still those of the last step, and no checkpoint of NaN weights is written."""
+        bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
+        if all_reduce_mean(1.0 if bad else 0.0, self.world) > 0:  # every rank stops at this step
+            parts = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another rank"
+            raise MmcliError(
+                f"step {number}: the loss is not finite ({parts}); stopped before updating the weights, "
+                "nothing of this step saved (lower train.lr, raise train.warmup_steps, or check the data)"
             )
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def save(self, state: Progress, flag: StopFlag) -> None:
+        if self.world.is_main:
+            train_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "progress": state.as_dict(),
+                "rng": ckpt.rng_state(),
+            }
+            with flag.save_in_progress():
+                ckpt.save_checkpoint(self.run_dir, self.model, {**self.meta, **state.as_dict()}, train_state)
         barrier(self.world)
 
     def run_validation(self, state: Progress) -> None:
@@ -247,6 +297,7 @@ class _Loop:
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": round(rate, 2),
             "samples": state.samples,
+            "skipped": state.skipped,
             **self.task.log_values(),
         }
         if self.world.is_main:
@@ -265,15 +316,24 @@ class _Loop:
         last: dict[str, Any] = {}
         interrupted = False
         rates: list[float] = []
-        with bar, StopFlag() as flag:
+        # Under DDP every rank must stop at the same step, so there a signal waits for the step's end.
+        with bar, StopFlag(interrupt_waits=not self.world.distributed) as flag:
             batches = _epoch_batches(loaders, state)
             while state.step < total:
                 t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(spec.accumulate)]
-                sums = self.step(micro)
+                position = (state.epoch, state.batch_in_epoch)
+                try:
+                    micro = self.fetch(batches, flag)
+                except StopWaiting:
+                    state.epoch, state.batch_in_epoch = position  # the next run reads these batches again
+                    self.save(state, flag)
+                    interrupted = True
+                    break
+                sums = self.step(micro, state.step + 1)
                 n = sum(int(b["images"].shape[0]) for b in micro) * self.world.world_size
                 state.step += 1
                 state.samples += n
+                state.skipped += int(all_reduce_mean(sum(int(b.get("skipped", 0)) for b in micro), self.world))
                 rate = n / max(time.perf_counter() - t0, 1e-9)
                 rates.append(rate)
                 bar.update(task_id, advance=1, loss=sums["loss"], lr=self.optimizer.param_groups[0]["lr"], rate=rate)
@@ -283,13 +343,13 @@ class _Loop:
                     self.run_validation(state)
                 stop = self.stop_agreed(flag)
                 if stop or (spec.save_every and state.step % spec.save_every == 0 and state.step < total):
-                    self.save(state)
+                    self.save(state, flag)
                 if stop:
                     interrupted = True
                     break
-        if not interrupted:
-            self.run_validation(state)
-            self.save(state)
+            if not interrupted:
+                self.run_validation(state)
+                self.save(state, flag)
         # Steady-state throughput: the first steps pay for warm-up (allocations, worker start).
         steady = rates[len(rates) // 5 :] or rates
         return TrainResult(
@@ -298,16 +358,37 @@ class _Loop:
             last_metrics=last,
             last_validation=self.last_val,
             samples_per_s=len(steady) / sum(1 / r for r in steady) if steady else 0.0,
+            skipped=state.skipped,
         )
+
+    def fetch(self, batches: Iterator[dict], flag: StopFlag) -> list[dict]:
+        """The next step's micro-batches; a first signal meanwhile raises :class:`StopWaiting`."""
+        flag.waiting = True
+        try:
+            if flag.requested and flag.interrupt_waits:
+                raise StopWaiting
+            return [next(batches) for _ in range(self.spec.accumulate)]
+        finally:
+            flag.waiting = False
 
 
 def _epoch_batches(loaders: LoaderFactory, state: Progress):
-    """Endless micro-batches across epochs, keeping ``state``'s data position current."""
+    """Endless micro-batches across epochs, keeping ``state``'s data position current; a whole
+    epoch without one usable batch is an error, not an endless loop."""
     while True:
-        loader = loaders(state.epoch, state.batch_in_epoch)
+        start, yielded = state.batch_in_epoch, 0
+        loader = loaders(state.epoch, start)
         for batch in loader:
-            state.batch_in_epoch += 1
+            # A batch stands for the planned batches the data layer dropped before it (no image decoded).
+            state.batch_in_epoch += int(batch.get("batches", 1))
+            yielded += 1
             yield batch
+        if yielded == 0 and start == 0:
+            skipped = getattr(loader, "skipped", 0)
+            raise MmcliError(
+                f"epoch {state.epoch}: the training data gave no usable batch ({skipped} samples unreadable, "
+                "or no image–text pair in the source)"
+            )
         state.epoch += 1
         state.batch_in_epoch = 0
 

@@ -1,16 +1,27 @@
-"""Setting up a run: its folder (new, replaced or resumed) and its seeds."""
+"""Setting up a run: its folder (new, replaced or resumed) and its seeds.
+
+A failed start never touches the previous run. Everything that can be checked (spec, data, base
+run) is checked before :func:`run_folder` is entered; with ``output.overwrite`` an existing run
+is moved aside (``.<name>.replaced-<pid>`` beside it), not deleted, and is put back if the new
+run fails before it has saved a checkpoint of its own. Only a folder that mmcli recognises as a
+run folder is ever replaced.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmcli.errors import MmcliError
-from mmcli.io import METRICS, MMCLI_META, TRAIN_STATE
+from mmcli.io import METRICS, MMCLI_META, SPEC, TRAIN_STATE, remove_stale_temporaries
 
 
 def seed_everything(seed: int) -> None:
@@ -20,22 +31,69 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(spec, *, resume: bool, is_main: bool) -> Path:
-    """Check the run folder of ``spec`` (a pretrain or fuse spec) against ``--resume`` and
-    ``output.overwrite``, and create it."""
-    run_dir = spec.run_dir()
-    has_run = (run_dir / MMCLI_META).is_file() or (run_dir / METRICS).is_file()
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a run mmcli wrote: a readable ``mmcli.json``, or a resolved spec
+    beside training metrics (a run stopped before its first checkpoint)."""
+    meta = path / MMCLI_META
+    if meta.is_file():
+        try:
+            return isinstance(json.loads(meta.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError):
+            return False
+    return (path / SPEC).is_file() and (path / METRICS).is_file()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run has saved something to resume from."""
+    return (run_dir / TRAIN_STATE).is_file() and (run_dir / MMCLI_META).is_file()
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, a run folder that ``--resume``/``overwrite`` cannot use."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MmcliError(f"{run_dir}: exists and is not a folder; choose another output.name")
     if resume:
-        if not (run_dir / TRAIN_STATE).is_file():
+        if not has_checkpoint(run_dir):
             raise MmcliError(f"{run_dir}: nothing to resume (no {TRAIN_STATE}); run without --resume")
-    elif has_run:
-        if not spec.output.overwrite:
-            raise MmcliError(
-                f"{run_dir}: a run already exists there; use --resume to continue it, "
-                f"--set output.overwrite=true to start over, or another output.name"
-            )
-        if is_main:
-            shutil.rmtree(run_dir)
+        return
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not is_run_folder(run_dir):
+        raise MmcliError(f"{run_dir}: the folder holds files that are not an mmcli run; choose another output.name")
+    if not overwrite:
+        raise MmcliError(
+            f"{run_dir}: a run already exists there; use --resume to continue it, "
+            f"--set output.overwrite=true to start over, or another output.name"
+        )
+
+
+@contextmanager
+def run_folder(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> Iterator[Path]:
+    """The run folder for the block: created, resumed, or replaced (see the module docstring).
+
+    On an exception in the block, a run that saved no checkpoint is removed and the run it
+    replaced, if any, is put back; a run that saved one stays, resumable. Only the main rank
+    checks and changes the folder (the others would see its first files as someone else's)."""
+    run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
+    aside = None
     if is_main:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if existed:
+            remove_stale_temporaries(run_dir)
+        if not resume and existed and any(run_dir.iterdir()):
+            aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+            os.replace(run_dir, aside)
         run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    try:
+        yield run_dir
+    except BaseException:
+        if is_main and not resume and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if aside is not None:
+                os.replace(aside, run_dir)
+                aside = None
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

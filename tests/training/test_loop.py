@@ -130,8 +130,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, shapes_dir, monk
     original = _Loop.step
     calls = {"n": 0}
 
-    def step_then_signal(self, micro):
-        out = original(self, micro)
+    def step_then_signal(self, micro, number):
+        out = original(self, micro, number)
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGINT)  # the real signal path: save, then stop
