@@ -76,6 +76,12 @@ def data_shapes(
     n: Annotated[int, typer.Option("--n", min=1, help="Training images (val/test/classify are sized from it).")] = 2000,
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace files of the dataset's names in OUT that mmcli data shapes did not write."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate the synthetic shapes dataset: images, captions, boxes and questions."""
@@ -83,7 +89,7 @@ def data_shapes(
         from mmcli.commands.data import run_shapes
         from mmcli.commands.render import render_data_summary
 
-        emit(run_shapes(out, n=n, size=size, seed=seed), as_json, render_data_summary)
+        emit(run_shapes(out, n=n, size=size, seed=seed, overwrite=overwrite), as_json, render_data_summary)
 
 
 @app.command()
@@ -201,6 +207,13 @@ def retrieve(
     grid: Annotated[
         str | None, typer.Option("--grid", help="Write a contact sheet (PNG) of the top-k images.", show_default=False)
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Let --grid replace an existing file mmcli did not write (never an index or run-folder file).",
+        ),
+    ] = False,
     model: Annotated[
         str | None,
         typer.Option(
@@ -224,6 +237,7 @@ def retrieve(
             image=image,
             use_faiss=use_faiss,
             grid=grid,
+            overwrite=overwrite,
             model=model,
             device=State.device,
         )

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from mmcli.errors import MmcliError
@@ -31,8 +32,10 @@ def run(
 ) -> dict[str, Any]:
     """Embed ``path`` into the index ``out`` (this rank's shard under torchrun); return a summary.
 
-    Re-running into the same ``out`` resumes an interrupted run (the model defaults to the one
-    it was started with); ``overwrite`` starts over and replaces a complete index.
+    One process at a time writes ``out`` (it holds ``out.lock``; a second one is refused). Re-running
+    the same job into the same ``out`` resumes an interrupted run (the model defaults to the one it
+    was started with); another job (input, keys, dtype, decoding, model) is refused.
+    ``overwrite`` starts over and replaces a complete index.
     """
     from mmcli.distributed import resolve_device
     from mmcli.models.loading import load_model
@@ -43,27 +46,32 @@ def run(
         raise MmcliError(f"--out {out}: the index file name must end with .npy")
     target = ix.shard_path(str(out), rank, world) if world > 1 else str(out)
     inputs = resolve_inputs(path, modality, image_key=image_key, text_key=text_key)
-    state = None if overwrite else ix.IndexWriter.resume_state(target)
-    ref = model or (state.meta["model"]["ref"] if state else None)
-    if ref is None:
-        raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    loaded = load_model(ref, device=dev)
-    meta = {
-        "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
-        "modality": inputs.modality,
-        "root": inputs.root,
-        "source": {"path": str(path), "format": inputs.format},
-        "draft_decode": draft,
-    }
-    start = time.perf_counter()
-    batches, capacity = _batches(
-        inputs, loaded, state, rank=rank, world=world, batch_size=batch_size, workers=workers, draft=draft, device=dev
-    )
-    dim = loaded.model.clip.visual.output_dim
-    resumed = state.rows + len(state.skipped) if state else 0
-    with ix.IndexWriter(target, dim=dim, dtype=dtype, capacity=capacity, meta=meta, overwrite=overwrite) as writer:
-        new = _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
+    with ix.writer_lock(target) as lock:  # before reading the partial output another run may be writing
+        state = None if overwrite else ix.IndexWriter.resume_state(target)
+        ref = model or (state.meta["model"]["ref"] if state else None)
+        if ref is None:
+            raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        loaded = load_model(ref, device=dev)
+        meta, job = _describe(path, inputs, loaded, dtype=dtype, draft=draft, image_key=image_key, text_key=text_key)
+        start = time.perf_counter()
+        batches, capacity = _batches(
+            inputs,
+            loaded,
+            state,
+            rank=rank,
+            world=world,
+            batch_size=batch_size,
+            workers=workers,
+            draft=draft,
+            device=dev,
+        )
+        dim = loaded.model.clip.visual.output_dim
+        resumed = state.rows + len(state.skipped) if state else 0
+        with ix.IndexWriter(
+            target, dim=dim, dtype=dtype, capacity=capacity, meta=meta, overwrite=overwrite, job=job, lock=lock
+        ) as writer:
+            new = _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
     seconds = time.perf_counter() - start
     return {
         "out": target,
@@ -82,6 +90,33 @@ def run(
         "device": str(dev),
         "is_main": rank == 0,
     }
+
+
+def _describe(
+    path: str, inputs, loaded, *, dtype: str, draft: bool, image_key: str, text_key: str
+) -> tuple[dict, dict]:
+    """The sidecar fields of this run, and its job: everything that decides the rows, which a
+    resumed run must share (see :class:`~mmcli.retrieval.index.IndexWriter`)."""
+    from mmcli.retrieval.embedding import KEYED_FORMATS, decode_settings
+
+    decode = decode_settings(loaded.preprocess, draft=draft)
+    meta = {
+        "model": {"ref": loaded.ref, "arch": loaded.arch, "checksum": loaded.checksum},
+        "modality": inputs.modality,
+        "root": inputs.root,
+        "source": {"path": str(path), "format": inputs.format},
+        "decode": decode,
+    }
+    job = {
+        "input": str(Path(path).expanduser().resolve()),
+        "format": inputs.format,
+        "modality": inputs.modality,
+        "keys": {"image": image_key, "text": text_key} if inputs.format in KEYED_FORMATS else None,
+        "dtype": dtype,
+        "decode": decode if inputs.modality == "image" else None,
+        "model": loaded.checksum,
+    }
+    return meta, job
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import MmcliError
+from mmcli.io import is_run_dir
 from mmcli.retrieval import index as ix
 from mmcli.retrieval.query import QueryEncoder, is_image_query
 from mmcli.retrieval.search import make_searcher
@@ -22,12 +23,18 @@ def run(
     image: bool = False,
     use_faiss: bool = False,
     grid: str | None = None,
+    overwrite: bool = False,
     model: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Top-``k`` items of ``index_path`` for each query; see the CLI help for the options."""
+    """Top-``k`` items of ``index_path`` for each query; see the CLI help for the options.
+
+    ``overwrite`` lets a contact sheet replace a file mmcli did not write (see :func:`check_grid_paths`).
+    """
     queries = collect_queries(query, queries_file)
     index = ix.open_index(index_path)
+    if grid:
+        check_grid_paths(index, [grid_path(grid, n, len(queries)) for n in range(len(queries))], overwrite=overwrite)
     encoder = QueryEncoder(index, model_ref=model, device=device)
     vectors = encoder.encode([(q, image or is_image_query(q)) for q in queries])
     search = make_searcher(index, use_faiss)
@@ -72,15 +79,49 @@ def grid_path(grid: str, n: int, total: int) -> Path:
     return path if total == 1 else path.with_name(f"{path.stem}-{n + 1:03d}{path.suffix or '.png'}")
 
 
-def write_grid(index: ix.Index, hits: list[dict], out: Path, *, title: str) -> Path:
-    """A contact sheet of the hits' images (the index must hold image files)."""
-    from mmcli.viz.grid import contact_sheet
+def check_grid_paths(index: ix.Index, paths: list[Path], *, overwrite: bool) -> None:
+    """Refuse, before anything is written, a contact sheet that would replace a file it must not.
+
+    Never, even with ``overwrite``: a folder, a file of an index (:func:`~mmcli.retrieval.index.is_index_file`,
+    or one of ``index``'s own files under any name or link), or a file of a run folder. A contact
+    sheet mmcli wrote (:func:`~mmcli.viz.grid.is_contact_sheet`) may be replaced; any other
+    existing file only with ``overwrite``.
+    """
+    from mmcli.viz.grid import is_contact_sheet
 
     if index.meta.get("modality") != "image" or index.meta.get("source", {}).get("format") == "webdataset":
         raise MmcliError(
             f"--grid: {index.path} does not hold image files (a {index.meta.get('modality')} index"
             f"{' of webdataset shards' if index.meta.get('modality') == 'image' else ''})"
         )
-    root = index.meta.get("root") or ""
-    paths = [os.path.join(root, hit["item"]) for hit in hits]
+    own = {
+        os.path.realpath(f + suffix)
+        for f in (index.path, *index.files)
+        for suffix in ("", ".json", ".faiss", ".faiss.json")
+    }
+    for path in paths:
+        if not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            raise MmcliError(f"--grid {path}: is a folder; name the PNG file to write")
+        if real in own or ix.is_index_file(path) or ix.is_index_file(real):
+            raise MmcliError(f"--grid {path}: is a file of an index; choose another file name")
+        run_dir = next(
+            (d for d in (os.path.dirname(os.path.abspath(path)), os.path.dirname(real)) if is_run_dir(d)), None
+        )
+        if run_dir is not None and not is_contact_sheet(real):
+            raise MmcliError(f"--grid {path}: is a file of the run folder {run_dir}; choose another file name")
+        if not overwrite and not is_contact_sheet(real):
+            raise MmcliError(
+                f"--grid {path}: exists and is not a contact sheet mmcli wrote; pass --overwrite to replace it"
+            )
+
+
+def write_grid(index: ix.Index, hits: list[dict], out: Path, *, title: str) -> Path:
+    """A contact sheet of the hits' images (the index must hold image files: :func:`check_grid_paths`),
+    each read from inside the index's root (:meth:`~mmcli.retrieval.index.Index.item_path`)."""
+    from mmcli.viz.grid import contact_sheet
+
+    paths = [index.item_path(hit["item"]) for hit in hits]
     return contact_sheet(paths, [hit["score"] for hit in hits], out, title=title)

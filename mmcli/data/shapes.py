@@ -43,6 +43,10 @@ MIN_IMAGE_SIZE = 32
 # relation is never stated for a near-diagonal pair.
 AXIS_RATIO = 1.5
 GAP = 2  # pixels kept free between the boxes of two objects
+GENERATOR = "mmcli data shapes"
+PARTIAL_MARKER = "meta.partial.json"
+"""Written first and removed last by :func:`generate`: an unfinished dataset is still known as ours."""
+_META_FIELDS = {"version", "seed", "size", "counts", "colors", "shapes", "relations", "question_types", "answers"}
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 _MAX_TRIES = 200
 
@@ -367,15 +371,59 @@ def check_arguments(n: int, size: int, seed: int) -> None:
         raise MmcliError(f"--seed {seed}: the seed must be >= 0")
 
 
-def generate(out: Path, n: int = 2000, size: int = 64, seed: int = 0) -> dict[str, Any]:
+def _dataset_files(out: Path) -> list[Path]:
+    """The files in ``out`` that :func:`generate` would replace or delete (every name it writes)."""
+    found = [p for p in (out / "meta.json", out / PARTIAL_MARKER) if p.exists()]
+    for split in SPLITS:
+        found += [p for p in (out / f"{split}.tsv", out / f"{split}.jsonl") if p.exists()]
+        found += sorted(
+            p for p in (out / "images" / split).glob(f"{split}-*.png") if p.stem[len(split) + 1 :].isdigit()
+        )
+    return found
+
+
+def written_by_shapes(out: Path) -> bool:
+    """Whether ``out`` holds a shapes dataset this module wrote: a ``meta.json`` of its fields, or
+    the marker an unfinished run leaves (:data:`PARTIAL_MARKER`)."""
+    for name, wanted in (("meta.json", _META_FIELDS), (PARTIAL_MARKER, {"generator"})):
+        try:
+            found = json.loads((out / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and wanted <= set(found) and found.get("generator", GENERATOR) == GENERATOR:
+            return True
+    return False
+
+
+def check_output(out: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or that holds files of the dataset's names this module did
+    not write (unless ``overwrite``): generating would replace or delete them."""
+    if out.exists() and not out.is_dir():
+        raise MmcliError(f"--out {out}: is a file, not a folder; name a folder for the dataset")
+    if overwrite or not out.is_dir() or written_by_shapes(out):
+        return
+    clashes = _dataset_files(out)
+    if clashes:
+        raise MmcliError(
+            f"--out {out}: holds {len(clashes)} file(s) with the dataset's names that mmcli data shapes did not "
+            f"write (e.g. {clashes[0].relative_to(out)}); pass --overwrite to replace them, or choose another folder"
+        )
+
+
+def generate(out: Path, n: int = 2000, size: int = 64, seed: int = 0, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the shapes dataset under ``out`` and return a summary (paths and counts).
 
-    ``meta.json`` is removed first and written last: its presence marks a complete dataset.
+    A folder holding files of the dataset's names that this module did not write is refused
+    unless ``overwrite`` (:func:`check_output`); a dataset it wrote, finished or not, is replaced.
+    ``meta.json`` is removed first and written last: its presence marks a complete dataset; in
+    between, :data:`PARTIAL_MARKER` marks the folder as this module's.
     """
     check_arguments(n, size, seed)
     out = Path(out)
+    check_output(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
+    _write_text(out / PARTIAL_MARKER, [json.dumps({"generator": GENERATOR, "seed": seed, "size": size, "n": n})])
     meta_path.unlink(missing_ok=True)
     counts = split_sizes(n)
     for split, count in counts.items():
@@ -393,6 +441,7 @@ def generate(out: Path, n: int = 2000, size: int = 64, seed: int = 0) -> dict[st
         "labels": list(LABELS),
     }
     _write_text(meta_path, [json.dumps(meta, indent=2)])
+    (out / PARTIAL_MARKER).unlink()
     return {
         "out": str(out),
         "counts": counts,

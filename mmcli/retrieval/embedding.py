@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage, is_image_file, load_image
-from mmcli.data.sources import read_records, source_format, webdataset_urls
+from mmcli.data.sources import Record, read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, IMAGE_SUFFIXES, TEXT_SUFFIXES, WEBDATASET_IMAGE_KEYS
 from mmcli.spec import SourceSpec
@@ -52,12 +52,22 @@ class Inputs:
 # --------------------------------------------------------------------------------------------
 
 
+KEYED_FORMATS = ("csv", "tsv", "jsonl")
+"""Embed inputs whose ``--image-key``/``--text-key`` choose the column (or key) read."""
+
+
 def input_format(path: str) -> str:
     """``folder``, ``text``, ``csv``, ``tsv``, ``jsonl`` or ``webdataset`` for an embed input."""
     p = Path(path).expanduser()
     if p.suffix.lower() in TEXT_SUFFIXES and p.is_file():
         return "text"
-    return source_format(SourceSpec(path=path))
+    from pydantic import ValidationError
+
+    try:
+        spec = SourceSpec(path=path)
+    except ValidationError:  # a URL or pipe: a spec may opt in to; embed has no such option
+        raise MmcliError(f"{path}: mmcli embed reads local files, folders and shards only, not URLs or pipe:") from None
+    return source_format(spec)
 
 
 def resolve_inputs(
@@ -85,8 +95,11 @@ def resolve_inputs(
             fmt, modality, str(Path(path).expanduser().resolve()), urls=webdataset_urls(SourceSpec(path=path))
         )
     spec = SourceSpec(path=path, format=fmt, image_key=image_key, text_key=text_key)
+    records = read_records(spec)
     root = Path(path).expanduser().resolve().parent
-    return Inputs(fmt, modality, str(root), items=dataset_items(spec, root, modality))
+    if modality == "image":  # every image must lie under the root: items never climb out of it
+        root = Path(os.path.commonpath([str(root), *(os.path.dirname(_real(r.image)) for r in records)]))
+    return Inputs(fmt, modality, str(root), items=dataset_items(records, root, modality))
 
 
 def folder_items(root: Path) -> list[Item]:
@@ -99,16 +112,21 @@ def folder_items(root: Path) -> list[Item]:
     return [Item(p.relative_to(root).as_posix(), str(p)) for p in paths]
 
 
-def dataset_items(spec: SourceSpec, root: Path, modality: str) -> list[Item]:
-    """The images (deduplicated) or the captions of a CSV/TSV/JSONL dataset file."""
-    records = read_records(spec)
+def dataset_items(records: list[Record], root: Path, modality: str) -> list[Item]:
+    """The images (deduplicated, keyed by their path relative to ``root``, which holds them all)
+    or the captions of the records of a CSV/TSV/JSONL dataset file."""
     if modality == "text":
         return [Item(r.text, r.text) for r in records]
     seen: dict[str, Item] = {}
     for r in records:
-        key = os.path.relpath(r.image, root).replace(os.sep, "/")
+        key = os.path.relpath(_real(r.image), root).replace(os.sep, "/")
         seen.setdefault(key, Item(key, r.image))
     return list(seen.values())
+
+
+def _real(image: str) -> str:
+    # The folder with its links resolved, as the root is; the file keeps its own name.
+    return os.path.join(os.path.realpath(os.path.dirname(image)), os.path.basename(image))
 
 
 def text_file_items(path: Path) -> list[Item]:
@@ -214,6 +232,31 @@ def draft_size(preprocess: Callable) -> tuple[int, int] | None:
     return None
 
 
+def decode_settings(preprocess: Callable, *, draft: bool) -> dict[str, Any]:
+    """How ``mmcli embed`` decodes images for ``preprocess``, as recorded in the sidecar's ``decode``
+    field: ``{"draft": [w, h]}`` (JPEG draft mode at :func:`draft_size`) or ``{"draft": None}``."""
+    size = draft_size(preprocess) if draft else None
+    return {"draft": list(size) if size else None}
+
+
+def recorded_draft(meta: dict, preprocess: Callable, *, where: str) -> tuple[int, int] | None:
+    """The JPEG draft size the images of the index described by ``meta`` (its sidecar, read from
+    ``where``) were decoded at, so that a query decodes the same way.
+
+    A sidecar without the ``decode`` field was written by an embed that always decoded at
+    :func:`draft_size` of the model's transform, unless its ``draft_decode`` flag says it did not.
+    """
+    if "decode" not in meta:
+        return draft_size(preprocess) if meta.get("draft_decode", True) else None
+    decode = meta["decode"]
+    draft = decode.get("draft", "?") if isinstance(decode, dict) else "?"
+    if draft is None:
+        return None
+    if isinstance(draft, list) and len(draft) == 2 and all(type(v) is int and v > 0 for v in draft):
+        return draft[0], draft[1]
+    raise MmcliError(f"{where}: field 'decode' is {decode!r}; expected {{\"draft\": [width, height] or null}}")
+
+
 # --------------------------------------------------------------------------------------------
 # encoding
 # --------------------------------------------------------------------------------------------
@@ -272,6 +315,17 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def embed_image_file(loaded, path: str, *, draft: tuple[int, int] | None, device: torch.device) -> np.ndarray:
+    """One image file embedded exactly as ``mmcli embed`` embeds the rows of an index (the same
+    decoding at ``draft``, transform, autocast and renormalisation), so that an indexed image
+    queried by itself scores 1. Raises :class:`~mmcli.data.images.BadImage` for an unusable file."""
+    key, pixels, reason = decode(path, path, loaded.preprocess, draft, DEFAULT_MAX_PIXELS)
+    if pixels is None:
+        raise BadImage(reason, path)
+    ((_, emb, _),) = encode_image_batches(loaded.model, [collate_items([(key, pixels, reason)])], device)
+    return emb[0]
 
 
 def embed_images(

@@ -79,20 +79,19 @@ class QueryEncoder:
         return emb.float().cpu().numpy()
 
     def _encode_image(self, path: str):
-        import torch
-
-        from mmcli.data.images import BadImage, load_image
+        # Decoded as embed decoded the index's images (the sidecar's ``decode``: JPEG draft mode or
+        # not), then encoded by embed's own function: an indexed image finds itself with score 1.
+        from mmcli.data.images import BadImage
+        from mmcli.retrieval.embedding import embed_image_file, recorded_draft
 
         if not os.path.isfile(path):
             raise MmcliError(f"{path}: no such image file")
         loaded = self._loaded()
+        draft = recorded_draft(self.index.meta, loaded.preprocess, where=ix.sidecar_path(self.index.path))
         try:
-            pixels = loaded.preprocess(load_image(path))
+            return embed_image_file(loaded, path, draft=draft, device=self._torch_device())
         except BadImage as exc:
             raise MmcliError(f"{path}: cannot use this image as a query ({exc.reason})") from None
-        with torch.inference_mode():
-            emb = loaded.model.encode_image(pixels[None].to(self._torch_device()), normalize=True)
-        return emb[0].float().cpu().numpy()
 
     def _loaded(self):
         if self._full is None:

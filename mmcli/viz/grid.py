@@ -7,7 +7,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from mmcli.io import atomic_write
 
 PAD = 8
 """Pixels between tiles and around the sheet."""
@@ -19,6 +21,9 @@ BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (235, 235, 235)
 UNREADABLE = (128, 128, 128)
 TEXT = (20, 20, 20)
+SIGNATURE = ("mmcli", "contact sheet")
+"""The PNG text chunk (keyword, text) that marks a file as a contact sheet mmcli wrote, which a
+later sheet may replace (:func:`is_contact_sheet`); any other file is the user's."""
 
 
 def sheet_size(count: int, *, thumb: int = 160, cols: int = 5) -> tuple[int, int]:
@@ -41,7 +46,7 @@ def contact_sheet(
     """Write a PNG of ``image_paths`` in rank order, each labelled "#rank  score" and its name.
 
     Images that cannot be read are drawn as a grey tile labelled "unreadable"; the sheet is
-    always written. Returns ``out``.
+    always written, atomically, and carries :data:`SIGNATURE`. Returns ``out``.
     """
     if len(image_paths) != len(scores):
         raise ValueError(f"{len(image_paths)} images for {len(scores)} scores")
@@ -54,9 +59,19 @@ def contact_sheet(
         y = TITLE_HEIGHT + PAD + ((rank - 1) // cols) * (thumb + LABEL_HEIGHT + PAD)
         _draw_tile(sheet, draw, font, (x, y), thumb, path, f"#{rank}  {score:.3f}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*SIGNATURE)
+    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG", pnginfo=info))
     return out
+
+
+def is_contact_sheet(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG that :func:`contact_sheet` wrote (it carries :data:`SIGNATURE`)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(SIGNATURE[0]) == SIGNATURE[1]
+    except Exception:  # noqa: BLE001 - whatever cannot be opened as an image is not one of ours
+        return False
 
 
 def _draw_tile(

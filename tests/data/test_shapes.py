@@ -236,3 +236,64 @@ def test_run_shapes_summary(tmp_path):
     assert Path(summary["meta"]) == tmp_path / "out" / "meta.json"
     assert Path(summary["files"]["train"]["tsv"]).is_file()
     assert summary["seconds"] >= 0
+
+
+def test_a_folder_of_someone_else_s_files_with_the_dataset_s_names_needs_overwrite(tmp_path):
+    theirs = tmp_path / "theirs"
+    (theirs / "images" / "train").mkdir(parents=True)
+    (theirs / "train.tsv").write_text("filepath\ttitle\nimages/train/train-000005.png\ta photo of mine\n")
+    (theirs / "images" / "train" / "train-000005.png").write_bytes(b"my photo")
+    (theirs / "notes.txt").write_text("mine\n")
+    before = file_bytes(theirs)
+    with pytest.raises(MmcliError) as refused:
+        shapes.generate(theirs, n=2, size=32, seed=0)
+    assert str(refused.value) == (
+        f"--out {theirs}: holds 2 file(s) with the dataset's names that mmcli data shapes did not write "
+        "(e.g. train.tsv); pass --overwrite to replace them, or choose another folder"
+    )
+    assert file_bytes(theirs) == before  # nothing deleted, nothing written
+    shapes.generate(theirs, n=2, size=32, seed=0, overwrite=True)
+    assert (theirs / "meta.json").is_file() and (theirs / "notes.txt").read_text() == "mine\n"
+    assert not (theirs / "images" / "train" / "train-000005.png").exists()
+
+
+def test_a_dataset_mmcli_wrote_is_replaced_and_other_files_are_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    shapes.generate(tmp_path, n=4, size=32, seed=0)  # only new names: no --overwrite needed
+    shapes.generate(tmp_path, n=2, size=32, seed=1)  # its own dataset: replaced
+    assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 1
+    assert len(list((tmp_path / "images" / "train").iterdir())) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    assert not (tmp_path / shapes.PARTIAL_MARKER).exists()
+
+
+def test_out_naming_a_file_is_a_one_line_error_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "data.tsv"
+    target.write_text("precious\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "mmcli", "data", "shapes", "--out", str(target), "--n", "1", "--size", "32"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"mmcli: error: --out {target}: is a file, not a folder; name a folder for the dataset"
+    ]
+    assert target.read_text() == "precious\n"
+
+
+def test_cli_overwrite_option_reaches_the_generator(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    (tmp_path / "meta.json").write_text('{"mine": true}\n')
+    refused = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path), "--n", "1", "--size", "32"])
+    assert refused.exit_code == 2 and json.loads((tmp_path / "meta.json").read_text()) == {"mine": True}
+    done = CliRunner().invoke(
+        app, ["data", "shapes", "--out", str(tmp_path), "--n", "1", "--size", "32", "--overwrite"]
+    )
+    assert done.exit_code == 0 and json.loads((tmp_path / "meta.json").read_text())["counts"]["train"] == 1

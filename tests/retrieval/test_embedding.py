@@ -148,6 +148,62 @@ def test_complete_index_needs_overwrite(corpus, nano_run, tmp_path):
     assert result["count"] == 8 and len(ix.open_index(out)) == 8
 
 
+def test_a_rerun_of_another_job_is_refused_and_the_same_job_still_resumes(corpus, nano_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "emb.npy")
+    original, calls = ix.IndexWriter.add, {"n": 0}
+
+    def add_then_stop(self, rows, items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(self, rows, items)
+
+    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        embed(str(corpus), out, model=str(nano_run), batch_size=3, workers=0, progress=False)
+    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    partial = open(out + ".partial", "rb").read()
+    for path, options, field in [
+        (corpus / "sub", {}, f"input: {corpus.resolve()} there, {(corpus / 'sub').resolve()} now"),
+        (corpus, {"draft": False}, "decode: {'draft': [32, 32]} there, {'draft': None} now"),
+        (corpus, {"dtype": "float16"}, "dtype: float32 there, float16 now"),
+    ]:
+        with pytest.raises(MmcliError) as refused:
+            embed(str(path), out, model=str(nano_run), batch_size=3, workers=0, progress=False, **options)
+        assert str(refused.value) == (
+            f"{out}.partial holds 2 rows of another job ({field}); "
+            "rerun with --overwrite to discard them and start over, or choose another --out"
+        )
+    assert open(out + ".partial", "rb").read() == partial  # nothing of the interrupted run is lost
+    assert embed(str(corpus), out, batch_size=3, workers=0, progress=False)["resumed_from"] == 3
+    assert sorted(ix.open_index(out).items) == sorted(VALID)
+    embed(str(corpus / "sub"), out, model=str(nano_run), workers=0, overwrite=True, progress=False)
+    assert ix.open_index(out).items == ["a.png"]
+
+
+def test_a_second_embed_into_the_same_out_is_a_one_line_error(corpus, nano_run, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    out = tmp_path / "emb.npy"
+    with open(f"{out}.lock", "w") as held:  # what a running embed holds: an exclusive flock, its pid inside
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        second = subprocess.run(
+            [sys.executable, "-m", "mmcli", "embed", str(corpus), "--out", str(out), "--model", str(nano_run)],
+            capture_output=True,
+            text=True,
+        )
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"mmcli: error: {out} is being written by another process (pid {os.getpid()}, lock {out}.lock); "
+        "wait for it to finish, or stop it"
+    ]
+    assert not os.path.exists(f"{out}.partial") and not os.path.exists(out)
+
+
 def test_ranks_write_shards_that_read_as_the_single_process_index(corpus, nano_run, tmp_path, monkeypatch):
     single = str(tmp_path / "single.npy")
     embed(str(corpus), single, model=str(nano_run), workers=0, progress=False)
@@ -190,7 +246,20 @@ def test_dataset_file_embeds_each_image_once_with_paths_relative_to_the_file(sha
     out = str(tmp_path / "d.npy")
     embed(str(tsv), out, model=str(nano_run), workers=0, progress=False)
     index = ix.open_index(out)
-    assert index.items == [os.path.relpath(shapes_dir / r[0], tmp_path) for r in rows]  # listed twice, embedded once
+    # The images lie outside the file's folder: the root is the folder that holds them all, so no
+    # item climbs out of it with "..".
+    root = os.path.commonpath([os.path.realpath(tmp_path), os.path.realpath(shapes_dir / "images" / "test")])
+    assert index.meta["root"] == root
+    assert index.items == [os.path.relpath(os.path.realpath(shapes_dir / r[0]), root) for r in rows]  # listed twice
+    assert [index.item_path(item) for item in index.items] == [os.path.join(root, item) for item in index.items]
+    assert not any(".." in item.split("/") for item in index.items)
+    in_place = tmp_path / "local"
+    in_place.mkdir()
+    (in_place / "a.png").write_bytes((shapes_dir / rows[0][0]).read_bytes())
+    (in_place / "pairs.tsv").write_text("filepath\ttitle\na.png\ta caption\n")
+    embed(str(in_place / "pairs.tsv"), str(tmp_path / "l.npy"), model=str(nano_run), workers=0, progress=False)
+    local = ix.open_index(str(tmp_path / "l.npy"))
+    assert (local.meta["root"], local.items) == (os.path.realpath(in_place), ["a.png"])  # beside the file: its folder
     texts = embed(str(tsv), str(tmp_path / "c.npy"), model=str(nano_run), modality="text", progress=False)
     assert texts["count"] == 4
 

@@ -152,7 +152,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
     path = str(tmp_path / "emb.npy")
     ix.IndexWriter(path, dim=4, capacity=4, meta=META, flush_seconds=0).add(unit_rows(1, 4), ["a"])
     other = {**META, "model": {**META["model"], "checksum": "sha256:def"}}
-    with pytest.raises(MmcliError, match="another model.*--overwrite"):
+    with pytest.raises(MmcliError, match=r"another job \(model: .*--overwrite"):
         ix.IndexWriter(path, dim=4, capacity=4, meta=other)
     fresh = ix.IndexWriter(path, dim=4, capacity=4, meta=other, overwrite=True)
     assert fresh.rows_done == 0
@@ -177,6 +177,115 @@ def test_context_manager_finishes_on_success_and_keeps_progress_on_error(tmp_pat
             writer.add(unit_rows(1, 4), ["a"])
             raise KeyboardInterrupt
     assert not os.path.exists(failed) and ix.IndexWriter.resume_state(failed).rows == 1
+
+
+def test_a_second_writer_is_refused_naming_the_file_and_the_holder(tmp_path):
+    path = str(tmp_path / "emb.npy")
+    first = ix.IndexWriter(path, dim=4, capacity=2, meta=META, flush_seconds=0)
+    first.add(unit_rows(1, 4), ["a.jpg"])
+    with pytest.raises(MmcliError) as refused:
+        ix.IndexWriter(path, dim=4, capacity=2, meta=META, overwrite=True)
+    message = str(refused.value)
+    assert f"{path} is being written by another process (pid {os.getpid()}, lock {path}.lock)" in message
+    assert "\n" not in message
+    assert ix.IndexWriter.resume_state(path).items == ["a.jpg"]  # the refused writer discarded nothing
+    first.add(unit_rows(1, 4, seed=1), ["b.jpg"])
+    first.finish()
+    assert ix.open_index(path).items == ["a.jpg", "b.jpg"] and not os.path.exists(path + ".lock")
+    write_index(path, unit_rows(2, 4), overwrite=True)  # free again once finished
+
+
+def test_the_lock_of_a_killed_writer_does_not_block(tmp_path):
+    # flock belongs to the open file; the kernel closes it when its process dies, however it dies.
+    path = str(tmp_path / "emb.npy")
+    code = (
+        "import sys, time\n"
+        "from mmcli.retrieval import index as ix\n"
+        f"w = ix.IndexWriter({path!r}, dim=4, capacity=4, meta={META!r}, flush_seconds=0)\n"
+        "w.add(__import__('numpy').eye(4, dtype='float32')[:1], ['held.jpg'])\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MmcliError, match=rf"emb\.npy is being written by another process \(pid {holder.pid},"):
+            ix.IndexWriter(path, dim=4, capacity=4, meta=META)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert open(path + ".lock").read().strip() == str(holder.pid)  # its file stays, naming the dead holder
+    writer = ix.IndexWriter(path, dim=4, capacity=4, meta=META)
+    assert writer.rows_done == 1 and writer.items == ["held.jpg"]  # resumes what the dead writer saved
+    assert open(path + ".lock").read().strip() == str(os.getpid())
+    writer.add(unit_rows(1, 4), ["next.jpg"])
+    writer.finish()
+    assert ix.open_index(path).items == ["held.jpg", "next.jpg"]
+
+
+def test_resume_of_another_job_is_refused_and_keeps_the_partial_rows(tmp_path):
+    path = str(tmp_path / "emb.npy")
+    job = {"input": "/data/x", "format": "folder", "keys": None, "decode": {"draft": [32, 32]}, "model": "sha256:abc"}
+    first = ix.IndexWriter(path, dim=4, capacity=4, meta=META, job=job, flush_seconds=0)
+    first.add(unit_rows(2, 4), ["a.jpg", "b.jpg"])
+    del first  # the process dies here
+    partial = open(path + ".partial", "rb").read()
+    for key, value in (("input", "/data/y"), ("decode", {"draft": None}), ("model", "sha256:def")):
+        with pytest.raises(MmcliError) as refused:
+            ix.IndexWriter(path, dim=4, capacity=4, meta=META, job={**job, key: value})
+        assert str(refused.value) == (
+            f"{path}.partial holds 2 rows of another job ({key}: {job[key]} there, {value} now); "
+            "rerun with --overwrite to discard them and start over, or choose another --out"
+        )
+    with pytest.raises(MmcliError, match=r"another job \(dtype: float32 there, float16 now\)"):
+        ix.IndexWriter(path, dim=4, dtype="float16", capacity=4, meta=META, job=job)
+    assert open(path + ".partial", "rb").read() == partial and ix.IndexWriter.resume_state(path).rows == 2
+    assert ix.IndexWriter(path, dim=4, capacity=4, meta=META, job=dict(job)).rows_done == 2  # the same job resumes
+
+
+def test_a_partial_file_without_a_job_resumes_only_the_same_root(tmp_path):
+    # Progress files of earlier versions recorded no job, but recorded the input's root.
+    path = str(tmp_path / "emb.npy")
+    ix.IndexWriter(path, dim=4, capacity=4, meta=META, flush_seconds=0).add(unit_rows(1, 4), ["a.jpg"])
+    with pytest.raises(MmcliError, match=r"another job \(root: /data/images there, /data/other now\)"):
+        ix.IndexWriter(path, dim=4, capacity=4, meta={**META, "root": "/data/other"}, job={"input": "/data/other"})
+    assert ix.IndexWriter(path, dim=4, capacity=4, meta=META, job={"input": "/data/images"}).rows_done == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rows_with_nan_or_infinity_are_refused_naming_the_item(tmp_path, bad):
+    path = str(tmp_path / "emb.npy")
+    rows = unit_rows(3, 4)
+    rows[1, 2] = bad
+    with pytest.raises(MmcliError) as refused:
+        with ix.IndexWriter(path, dim=4, capacity=4, meta=META, flush_seconds=1e9) as writer:
+            writer.add(unit_rows(1, 4, seed=1), ["ok.jpg"])
+            writer.add(rows, ["a.jpg", "b.jpg", "c.jpg"])
+    assert str(refused.value).startswith(f"{path}: the embedding of 'b.jpg' holds NaN or infinity;")
+    state = ix.IndexWriter.resume_state(path)  # the rows before the bad batch are kept, none of it
+    assert (state.rows, state.items) == (1, ["ok.jpg"])
+    assert np.isfinite(np.load(path + ".partial")[:1]).all()
+
+
+def test_item_paths_stay_inside_the_root(tmp_path):
+    path = write_index(tmp_path / "emb.npy", unit_rows(2, 4))
+    index = ix.open_index(path)
+    assert index.item_path("img/1.jpg") == "/data/images/img/1.jpg"
+    assert index.item_path("a..b/./c.jpg") == "/data/images/a..b/c.jpg"
+    for item in ("/etc/passwd", "../secret.jpg", "img/../../secret.jpg", "", "//host/x.jpg"):
+        with pytest.raises(MmcliError, match=r"emb\.npy\.json: item .* is not a path inside the index root"):
+            index.item_path(item)
+    rootless = ix.Index(path, index.embeddings, {**index.meta, "root": None}, index.files)
+    with pytest.raises(MmcliError, match="field 'root' is None"):
+        rootless.item_path("img/1.jpg")
+
+
+def test_index_files_are_recognised_by_name_and_neighbours(tmp_path):
+    path = write_index(tmp_path / "emb.npy", unit_rows(2, 4))
+    for name in (path, path + ".json", path + ".partial", path + ".lock", path + ".faiss", "x.npy.partial.json"):
+        assert ix.is_index_file(name)
+    (tmp_path / "plain.npy").write_bytes(b"")
+    assert not ix.is_index_file(tmp_path / "plain.npy") and not ix.is_index_file(tmp_path / "sheet.png")
 
 
 def _break_sidecar(path, change):
@@ -309,6 +418,11 @@ def test_float16_index_is_scored_in_float32(tmp_path):
     ref_scores, ref_ids = brute_force(rows.astype(np.float16), queries, 5)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+
+
+def test_no_queries_give_empty_results():
+    scores, ids = ix.search_exact(unit_rows(3, 8), np.zeros((0, 8), np.float32), 2)
+    assert scores.shape == ids.shape == (0, 2)
 
 
 def test_queries_of_the_wrong_width_are_refused():

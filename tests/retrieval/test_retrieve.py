@@ -67,6 +67,44 @@ def test_an_indexed_image_finds_itself_first(image_index, shapes_dir):
     assert top["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three JPEGs of 120×100: over twice the model's 32 px input, so embed decodes them in draft
+    mode at half scale, where a full-size decode resamples from other pixels."""
+    root = tmp_path_factory.mktemp("photos")
+    for n in range(3):
+        small = np.random.default_rng(n).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((120, 100), Image.Resampling.BILINEAR).save(root / f"p{n}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_an_indexed_jpeg_queried_by_itself_scores_one(photos, nano_run, tmp_path, draft):
+    out = str(tmp_path / "emb.npy")
+    embed(str(photos), out, model=str(nano_run), workers=0, draft=draft, progress=False)
+    for name in ("p0.jpg", "p1.jpg", "p2.jpg"):
+        top = retrieve(str(photos / name), index_path=out, k=3)["queries"][0]["results"][0]
+        assert top["item"] == name and top["score"] >= 0.99999
+    assert ix.open_index(out).meta["decode"] == {"draft": [32, 32] if draft else None}
+
+
+def test_draft_decoding_changes_the_rows_and_old_sidecars_are_read_as_their_embed_decoded(photos, nano_run, tmp_path):
+    draft, full = str(tmp_path / "draft.npy"), str(tmp_path / "full.npy")
+    embed(str(photos), draft, model=str(nano_run), workers=0, progress=False)
+    embed(str(photos), full, model=str(nano_run), workers=0, draft=False, progress=False)
+    across = np.sum(np.load(draft) * np.load(full), axis=1)
+    assert across.max() < 0.99999  # the decode settings matter: the test above could fail
+    # Sidecars written before the ``decode`` field: ``draft_decode``, or nothing (draft was the default).
+    for path, legacy in ((draft, {}), (draft, {"draft_decode": True}), (full, {"draft_decode": False})):
+        meta = json.loads(open(path + ".json").read())
+        meta.pop("decode", None)
+        meta.update(legacy)
+        with open(path + ".json", "w") as f:
+            json.dump(meta, f)
+        top = retrieve(str(photos / "p1.jpg"), index_path=path, k=1)["queries"][0]["results"][0]
+        assert top["item"] == "p1.jpg" and top["score"] >= 0.99999
+
+
 def test_faiss_search_reaches_its_stated_recall(image_index, nano_run, tmp_path):
     # A flat FAISS index below FLAT_MAX_ROWS: the same neighbours as exact search.
     local = str(tmp_path / "emb.npy")
@@ -106,6 +144,95 @@ def test_grid_is_a_contact_sheet_of_the_top_k(image_index, tmp_path):
     assert result["queries"][0]["grid"] == str(out)
     with Image.open(out) as sheet:
         assert sheet.size == sheet_size(7)
+
+
+@pytest.fixture
+def photo_index(photos, nano_run, tmp_path) -> str:
+    (tmp_path / "index").mkdir()
+    out = str(tmp_path / "index" / "emb.npy")
+    embed(str(photos), out, model=str(nano_run), workers=0, progress=False)
+    return out
+
+
+def test_grid_never_replaces_an_index_or_run_folder_file(photo_index, nano_run, tmp_path):
+    run = shutil.copytree(nano_run, tmp_path / "run")
+    (run / "spec.yaml").write_text("model: {arch: mmcli-nano}\n")
+    (tmp_path / "index" / "emb.npy.faiss").write_bytes(b"a FAISS index")
+    protected = [
+        photo_index,
+        photo_index + ".json",
+        photo_index + ".faiss",
+        str(run / "mmcli.json"),
+        str(run / "spec.yaml"),
+    ]
+    before = {path: open(path, "rb").read() for path in protected}
+    for path in protected:
+        for options in ({}, {"overwrite": True}):
+            with pytest.raises(MmcliError, match=r"--grid .*: is a file of (an index|the run folder)"):
+                retrieve("a red circle", index_path=photo_index, k=2, grid=path, **options)
+    os.symlink(photo_index, tmp_path / "link.png")  # under another name, through a link
+    with pytest.raises(MmcliError, match="is a file of an index"):
+        retrieve("a red circle", index_path=photo_index, k=2, grid=str(tmp_path / "link.png"), overwrite=True)
+    assert {path: open(path, "rb").read() for path in protected} == before
+    assert len(ix.open_index(photo_index)) == 3
+
+
+def test_grid_replaces_its_own_sheets_and_other_files_only_with_overwrite(photo_index, photos, tmp_path):
+    mine = tmp_path / "mine.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(mine)
+    with pytest.raises(MmcliError, match=r"--grid .*mine\.png: exists and is not a contact sheet mmcli wrote; pass"):
+        retrieve("a red circle", index_path=photo_index, k=2, grid=str(mine))
+    with Image.open(mine) as kept:
+        assert kept.size == (8, 8)
+    from mmcli.viz.grid import is_contact_sheet
+
+    retrieve("a red circle", index_path=photo_index, k=2, grid=str(mine), overwrite=True)
+    assert is_contact_sheet(mine)
+    retrieve("a blue square", index_path=photo_index, k=3, grid=str(mine))  # a sheet of ours: replaced
+    with Image.open(mine) as sheet:
+        assert sheet.size == sheet_size(3)
+    # Several queries write several sheets: every one is checked before any is written.
+    (tmp_path / "q.txt").write_text("one\ntwo\n")
+    (tmp_path / "many-002.png").write_bytes(b"someone else's")
+    with pytest.raises(MmcliError, match="many-002.png: exists"):
+        retrieve(None, index_path=photo_index, queries_file=str(tmp_path / "q.txt"), grid=str(tmp_path / "many.png"))
+    assert not (tmp_path / "many-001.png").exists() and (tmp_path / "many-002.png").read_bytes() == b"someone else's"
+    assert not is_contact_sheet(photos / "p0.jpg")
+
+
+@pytest.mark.parametrize("item", ["../outside.jpg", "sub/../../outside.jpg", "/etc/hostname"])
+def test_grid_refuses_sidecar_items_outside_the_index_root(photo_index, tmp_path, item):
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "index" / ".." / "outside.jpg")
+    meta = json.loads(open(photo_index + ".json").read())
+    meta["items"] = [item if n == 0 else it for n, it in enumerate(meta["items"])]
+    with open(photo_index + ".json", "w") as f:
+        json.dump(meta, f)
+    out = tmp_path / "grid.png"
+    with pytest.raises(MmcliError, match=r"emb\.npy\.json: item .* is not a path inside the index root"):
+        retrieve("a red circle", index_path=photo_index, k=3, grid=str(out))
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_an_index_with_a_grid_in_one_line(photo_index):
+    for overwrite in ([], ["--overwrite"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "mmcli", "retrieve", "x", "--index", photo_index, "--grid", photo_index, *overwrite],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines() == [
+            f"mmcli: error: --grid {photo_index}: is a file of an index; choose another file name"
+        ]
+        assert len(ix.open_index(photo_index)) == 3
+
+
+def test_faiss_builds_for_an_index_of_fewer_than_ten_rows(photo_index):
+    # Too small to hold rows back for tuning: a flat index, no tuning queries.
+    result = retrieve("a red circle", index_path=photo_index, k=3, use_faiss=True)
+    assert result["search"]["method"] == "faiss flat" and os.path.exists(photo_index + ".faiss")
+    exact = retrieve("a red circle", index_path=photo_index, k=3)
+    assert [h["row"] for h in result["queries"][0]["results"]] == [h["row"] for h in exact["queries"][0]["results"]]
 
 
 def test_text_query_imports_neither_open_clip_nor_torchvision(image_index):

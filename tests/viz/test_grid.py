@@ -52,3 +52,15 @@ def test_long_names_are_cut_to_the_tile_width():
 
 def _close(got, want, tolerance=8):
     return all(abs(a - b) <= tolerance for a, b in zip(got, want))
+
+
+def test_sheets_carry_the_signature_that_marks_them_as_mmcli_s(tmp_path):
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "red.png")
+    out = grid.contact_sheet([tmp_path / "red.png"], [0.5], tmp_path / "sheet.png", title="t", thumb=32)
+    with Image.open(out) as sheet:
+        assert sheet.info[grid.SIGNATURE[0]] == grid.SIGNATURE[1]
+    assert grid.is_contact_sheet(out)
+    assert not grid.is_contact_sheet(tmp_path / "red.png")  # a PNG of someone else's
+    (tmp_path / "notes.png").write_text("not an image")
+    assert not grid.is_contact_sheet(tmp_path / "notes.png") and not grid.is_contact_sheet(tmp_path / "missing.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.png", "red.png", "sheet.png"]  # no temporary left

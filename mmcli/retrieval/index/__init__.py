@@ -8,8 +8,8 @@ sidecar) which :func:`open_index` reads, given ``emb.npy``, as one index in rank
 Of third-party packages only numpy is imported here (FAISS lives in :mod:`mmcli.retrieval.faiss_index`, torch
 nowhere), so that commands which read an index start fast.
 
-One module per concern: :mod:`~mmcli.retrieval.index.files` (format constants, file names, atomic
-writes), :mod:`~mmcli.retrieval.index.writer` (:class:`IndexWriter`), :mod:`~mmcli.retrieval.index.reader`
+One module per concern: :mod:`~mmcli.retrieval.index.files` (format constants, file names, the
+writer's lock), :mod:`~mmcli.retrieval.index.writer` (:class:`IndexWriter`), :mod:`~mmcli.retrieval.index.reader`
 (:func:`open_index`, :class:`Index`, :class:`RowConcat`) and :mod:`~mmcli.retrieval.index.search`
 (:func:`search_exact`, :func:`recall_at_k`). Import from ``mmcli.retrieval.index``; every public name is
 re-exported here. Private names live in their submodule: patch them there.
@@ -21,8 +21,11 @@ from mmcli.retrieval.index.files import (
     MODALITIES,
     VERSION,
     index_exists,
+    is_index_file,
+    lock_path,
     shard_path,
     sidecar_path,
+    writer_lock,
 )
 from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat, open_index, read_sidecar
 from mmcli.retrieval.index.search import iter_row_blocks, query_matrix, recall_at_k, search_exact
@@ -35,8 +38,11 @@ __all__ = [
     "MODALITIES",
     "VERSION",
     "index_exists",
+    "is_index_file",
+    "lock_path",
     "shard_path",
     "sidecar_path",
+    "writer_lock",
     # writer
     "IndexWriter",
     "ResumeState",

@@ -12,11 +12,16 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from mmcli.errors import MmcliError
+from mmcli.io import FileLock
 
 FORMAT = "mmcli-index"
 VERSION = 1
 DTYPES = ("float32", "float16")
 MODALITIES = ("image", "text")
+
+# The files an index is made of besides its ``.npy``: sidecar, partial rows and progress, a
+# writer's lock, FAISS file and its description.
+_INDEX_SUFFIXES = (".npy.json", ".npy.partial", ".npy.partial.json", ".npy.lock", ".npy.faiss", ".npy.faiss.json")
 
 _SHARD_RE = re.compile(r"^(?P<stem>.+)\.rank(?P<rank>\d{5})-of-(?P<world>\d{5})\.npy$")
 
@@ -39,6 +44,28 @@ def shard_path(base: str, rank: int, world_size: int) -> str:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     return f"{_check_npy_path(base)[:-4]}.rank{rank:05d}-of-{world_size:05d}.npy"
+
+
+def lock_path(path: str) -> str:
+    """The lock file beside the index file ``path`` while a writer holds it (``emb.npy.lock``)."""
+    return path + ".lock"
+
+
+def writer_lock(path: str | os.PathLike) -> FileLock:
+    """The (not yet taken) lock that makes one :class:`~mmcli.retrieval.index.IndexWriter` at a time
+    write ``path``; see :class:`mmcli.io.FileLock`."""
+    path = _check_npy_path(path)
+    return FileLock(lock_path(path), what=path)
+
+
+def is_index_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a file of an index, complete or not: the rows (an ``.npy`` with a
+    sidecar or a partial file beside it), a sidecar, a partial file or its progress, a writer's lock,
+    or a FAISS file built from it. Only the name and its neighbours are looked at."""
+    path = os.fspath(path)
+    if path.endswith(".npy"):
+        return os.path.exists(sidecar_path(path)) or os.path.exists(_partial(path))
+    return path.endswith(_INDEX_SUFFIXES)
 
 
 def index_exists(path: str | os.PathLike) -> bool:

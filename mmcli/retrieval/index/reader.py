@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,25 @@ class Index:
     def items(self) -> list[str]:
         """Row → item (relative path or text)."""
         return self.meta["items"]
+
+    def item_path(self, item: str) -> str:
+        """The file of ``item`` (a row of an image index): ``root`` joined with the item.
+
+        Items are paths relative to ``root`` by construction; a sidecar whose item is absolute,
+        climbs out of ``root`` through ``..`` or has no ``root`` to start from was not written by
+        mmcli (or was edited), and is refused rather than read from wherever it points.
+        """
+        root = self.meta.get("root")
+        side = sidecar_path(self.path) if len(self.files) <= 1 else f"the shard sidecars of {self.path}"
+        if not isinstance(root, str) or not os.path.isabs(root):
+            raise MmcliError(f"{side}: field 'root' is {root!r}, not an absolute folder; re-run embed")
+        parts = PurePosixPath(item).parts if isinstance(item, str) else ()
+        if not parts or item.startswith("/") or ".." in parts:
+            raise MmcliError(
+                f"{side}: item {item!r} is not a path inside the index root {root} (absolute, or climbing out "
+                "with '..'); refusing to read it"
+            )
+        return os.path.join(root, *parts)
 
     @property
     def dim(self) -> int:

@@ -43,7 +43,7 @@ def search_exact(
     best_ids = np.empty((len(q), 0), np.int64)
     if k <= 0:
         return best_scores, best_ids
-    rows = min(chunk_rows, max(1024, _SCORE_BUDGET // len(q)))
+    rows = min(chunk_rows, max(1024, _SCORE_BUDGET // max(len(q), 1)))
     for start, block in iter_row_blocks(embeddings, rows):
         scores = q @ np.asarray(block, dtype=np.float32).T
         ids = _top_k_columns(scores, k)

@@ -14,7 +14,7 @@ import numpy.lib.format as npy_format
 
 from mmcli import __version__
 from mmcli.errors import MmcliError
-from mmcli.io import atomic_write_json
+from mmcli.io import FileLock, atomic_write_json
 from mmcli.retrieval.index.files import (
     _SHARD_RE,
     DTYPES,
@@ -30,6 +30,7 @@ from mmcli.retrieval.index.files import (
     _shard_files,
     _unlink,
     sidecar_path,
+    writer_lock,
 )
 
 # Sidecar fields the writer sets itself; the same keys in ``meta`` are ignored.
@@ -65,6 +66,9 @@ class ResumeState:
     dim: int
     dtype: str
     meta: dict
+    job: dict | None = None
+    """What the interrupted run was embedding (see :class:`IndexWriter`); ``None`` for progress
+    files of mmcli versions that did not record it."""
 
 
 class IndexWriter:
@@ -76,9 +80,17 @@ class IndexWriter:
     named like a complete index always is one. ``meta`` must hold ``model`` (ref, arch,
     checksum) and ``modality``, and may hold ``root`` and any other field for the sidecar.
 
-    When ``<path>.partial`` exists the writer continues it (see :meth:`resume_state`);
-    ``overwrite=True`` discards it instead and lets :meth:`finish` replace a complete index.
-    Used as a context manager it finishes on success and flushes the progress on an error.
+    One writer at a time: the writer holds ``<path>.lock`` (:func:`writer_lock`, an exclusive
+    ``flock``) from construction to :meth:`finish` or the end of its ``with`` block; a second one
+    is refused at once with the holder's pid. A caller that must look at the partial output before
+    constructing the writer takes the lock first and passes it as ``lock`` (it then releases it).
+
+    When ``<path>.partial`` exists the writer continues it (see :meth:`resume_state`), but only
+    for the same ``job``: a JSON-safe dict of whatever decides the rows (input, keys, dtype,
+    decoding, model checksum) saved in the progress file; a different one is refused, naming the
+    first field that differs. ``overwrite=True`` discards the partial output instead and lets
+    :meth:`finish` replace a complete index. Used as a context manager it finishes on success and
+    flushes the progress on an error.
     """
 
     def __init__(
@@ -91,13 +103,30 @@ class IndexWriter:
         meta: dict,
         overwrite: bool = False,
         flush_seconds: float = 10.0,
+        job: dict | None = None,
+        lock: FileLock | None = None,
     ) -> None:
         self.path = _check_npy_path(path)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.dim, self.dtype, self.meta = int(dim), dtype, _check_meta(meta)
+        self.job = _json_copy(job) if job is not None else None
         self.overwrite, self.flush_seconds = overwrite, flush_seconds
-        if overwrite:
+        self._array = None
+        if lock is None:
+            self._lock = writer_lock(self.path).acquire()
+        elif lock.held and str(lock.path) == str(writer_lock(self.path).path):
+            self._lock = None  # the caller's lock: the caller releases it
+        else:
+            raise ValueError(f"lock must be the held writer_lock of {self.path}")
+        try:
+            self._open(capacity)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, capacity: int) -> None:
+        if self.overwrite:
             _unlink(_partial(self.path), _progress(self.path))
         else:
             _refuse_existing(self.path)
@@ -122,7 +151,7 @@ class IndexWriter:
         try:
             with open(_progress(path), encoding="utf-8") as f:
                 p = json.load(f)
-            return ResumeState(p["rows"], p["items"], p["skipped"], p["dim"], p["dtype"], p["meta"])
+            return ResumeState(p["rows"], p["items"], p["skipped"], p["dim"], p["dtype"], p["meta"], p.get("job"))
         except (OSError, ValueError, KeyError, TypeError):
             return None  # progress is written atomically; without it, nothing is safely done
 
@@ -131,6 +160,14 @@ class IndexWriter:
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim or len(items) != len(rows):
             raise ValueError(f"expected {len(items)}×{self.dim} rows, got shape {rows.shape}")
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            bad = [str(items[i]) for i in np.flatnonzero(~finite)]
+            more = f" and {len(bad) - 1} more of this batch" if len(bad) > 1 else ""
+            raise MmcliError(
+                f"{self.path}: the embedding of {bad[0]!r}{more} holds NaN or infinity; nothing of this batch "
+                f"was written (the model {self.meta['model'].get('ref')} gives non-finite outputs)"
+            )
         norms = np.linalg.norm(rows.astype(np.float32, copy=False), axis=1)
         if not np.allclose(norms, 1.0, atol=1e-2):
             raise ValueError("index rows must be L2-normalised")
@@ -155,6 +192,7 @@ class IndexWriter:
             "dim": self.dim,
             "dtype": self.dtype,
             "meta": self.meta,
+            "job": self.job,
             "items": self.items,
             "skipped": self.skipped,
         }
@@ -167,15 +205,18 @@ class IndexWriter:
             raise RuntimeError(f"{self.path} is already finished")
         self._array.flush()
         self._array = None  # unmap before truncating: touching a truncated map is a SIGBUS
-        partial = _partial(self.path)
-        _set_npy_rows(partial, self.rows_done)
-        # An old sidecar must never describe the new array, even for an instant.
-        _unlink(sidecar_path(self.path))
-        if self.overwrite:
-            _remove_other_layouts(self.path)
-        os.replace(partial, self.path)
-        atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
-        _unlink(_progress(self.path))
+        try:
+            partial = _partial(self.path)
+            _set_npy_rows(partial, self.rows_done)
+            # An old sidecar must never describe the new array, even for an instant.
+            _unlink(sidecar_path(self.path))
+            if self.overwrite:
+                _remove_other_layouts(self.path)
+            os.replace(partial, self.path)
+            atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
+            _unlink(_progress(self.path))
+        finally:
+            self._release()
         return self.path
 
     def __enter__(self) -> IndexWriter:
@@ -183,27 +224,36 @@ class IndexWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._array is None:
+            self._release()
             return
         if exc_type is None:
             self.finish()
-        else:
+            return
+        try:
             self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _flush_if_due(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def _check_resumable(self, state: ResumeState) -> None:
-        for name, before, now in (
-            ("dim", state.dim, self.dim),
-            ("dtype", state.dtype, self.dtype),
-            ("model", state.meta.get("model"), self.meta["model"]),
-            ("modality", state.meta.get("modality"), self.meta["modality"]),
-        ):
+        checks = [("dim", state.dim, self.dim), ("dtype", state.dtype, self.dtype)]
+        if state.job is not None:
+            before, now = state.job, self.job or {}
+            checks += [(key, before.get(key), now.get(key)) for key in sorted(set(before) | set(now))]
+        else:  # progress of an mmcli that recorded no job: compare what it did record
+            checks += [(key, state.meta.get(key), self.meta.get(key)) for key in ("model", "modality", "root")]
+        for name, before, now in checks:
             if before != now:
                 raise MmcliError(
-                    f"{_partial(self.path)} was started with another {name} ({before} vs {now}); "
-                    "pass --overwrite to start again"
+                    f"{_partial(self.path)} holds {state.rows} rows of another job ({name}: {before} there, "
+                    f"{now} now); rerun with --overwrite to discard them and start over, or choose another --out"
                 )
 
     def _open_partial(self, capacity: int, *, resume: bool) -> np.memmap:
@@ -255,7 +305,11 @@ def _check_meta(meta: dict) -> dict:
         raise ValueError("meta['model'] must be a dict (ref, arch, checksum)")
     if meta.get("modality") not in MODALITIES:
         raise ValueError(f"meta['modality'] must be one of {MODALITIES}")
-    return json.loads(json.dumps(meta))  # a JSON-safe copy, compared as such on resume
+    return _json_copy(meta)
+
+
+def _json_copy(value: dict) -> dict:
+    return json.loads(json.dumps(value))  # a JSON-safe copy, compared as such on resume
 
 
 def _refuse_existing(path: str) -> None:
