@@ -202,7 +202,8 @@ class WebDatasetPairs(IterableDataset):
 def collate_pairs(items: list[Sample | None]) -> dict[str, Any]:
     """Stack samples into a batch, dropping ``None`` (undecodable) items and counting them.
 
-    A batch whose every item was undecodable has zero rows; callers skip it."""
+    A batch whose every item was undecodable has zero rows; :class:`PairLoader` never yields it
+    (its ``skipped`` count moves on to the next batch it yields)."""
     kept = [item for item in items if item is not None]
     skipped = len(items) - len(kept)
     if not kept:
@@ -223,10 +224,18 @@ def collate_pairs(items: list[Sample | None]) -> dict[str, Any]:
 class PairLoader:
     """An iterable of batches for one rank and one epoch, with its length known up front.
 
+    No yielded batch is empty: a batch in which no image decoded is dropped, and every yielded
+    batch says under ``"skipped"`` how many samples were left out (undecodable, or without an
+    image or a caption) since the batch before it, those of dropped batches included, and under
+    ``"batches"`` how many of the loader's planned batches it stands for (1 + the dropped ones
+    just before it; the unit of ``start_batch``). :attr:`skipped` counts every sample left out
+    by the iteration so far, including any after the last yielded batch.
+
     ``max_batches`` stops a stream that runs past it. With ``refill``, a stream that ends
     sooner is read again (a new pass, reshuffled) until ``max_batches``: in training every rank
-    then yields exactly ``len(self)`` batches, so no rank waits forever for another in DDP, even
-    when the ranks' shards hold different numbers of samples.
+    then yields ``len(self)`` batches, so no rank waits forever for another in DDP, even when
+    the ranks' shards hold different numbers of samples. A pass that yields no batch ends the
+    iteration (a source without a usable sample gives an empty epoch, never an endless one).
     """
 
     def __init__(
@@ -243,11 +252,15 @@ class PairLoader:
         self.num_samples = num_samples
         self.max_batches = max_batches
         self.refill = refill
+        self.skipped = 0
+        """Samples left out by the current (or last) iteration, reported or not yet."""
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.skipped = 0
+        pending_skipped, pending_batches = 0, 0  # of the batches dropped since the last yielded one
         produced = 0
         for pass_number in itertools.count():
             if self.max_batches is not None and produced >= self.max_batches:
@@ -256,11 +269,19 @@ class PairLoader:
                 self.loader.dataset.set_pass(pass_number)
             before = produced
             for batch in self.loader:
+                self.skipped += batch["skipped"]
+                pending_skipped += batch["skipped"]
+                pending_batches += 1
+                if batch["images"].shape[0] == 0:
+                    continue  # nothing decoded: never hand the model an empty batch
+                batch["skipped"], batch["batches"] = pending_skipped, pending_batches
+                pending_skipped, pending_batches = 0, 0
                 yield batch
                 produced += 1
                 if self.max_batches is not None and produced >= self.max_batches:
                     return
-            # An empty pass would repeat forever; the first may be empty only by resuming past it.
+            # A pass that yields nothing would do so forever (a source without one usable sample
+            # never yields); the first may be empty only by resuming past its end.
             if not self.refill or (produced == before and pass_number > 0):
                 return
 

@@ -266,7 +266,9 @@ def collate_examples(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack examples; ``boxes`` [B, R, 4] (float, zero-padded) with ``box_mask`` [B, R]; with
     concepts also ``concept_spans`` [B, C, 2] with ``concept_mask``, ``captions`` [B, L] and
     ``caption_spans``/``caption_concept_mask``, and ``concept_grounded``/``caption_concept_grounded``
-    [B, C] (True for a concept one region can show: not a relation; False on padding)."""
+    [B, C] (True for a concept one region can show: not a relation; False on padding);
+    ``skipped``: the undecodable items left out. A batch of none but undecodable items has zero
+    rows; :func:`example_loader` never yields it (its ``skipped`` count moves on to the next)."""
     kept = [item for item in items if item is not None]
     boxes, box_mask = _pad_rows([item["boxes"] for item in kept], 4, torch.float32)
     batch = {
@@ -300,7 +302,9 @@ def example_loader(
     world_size: int = 1,
     workers: int = 0,
 ):
-    """Batches of ``dataset`` for one rank and epoch (the same order rule as pretraining)."""
+    """Batches of ``dataset`` for one rank and epoch (the same order rule as pretraining); as in
+    pretraining (:class:`~mmcli.data.batches.PairLoader`) no yielded batch is empty and each says
+    under ``skipped`` how many examples were left out since the one before."""
     batches = rank_batches(
         len(dataset), batch_size=batch_size, train=train, seed=seed, epoch=epoch, rank=rank, world_size=world_size
     )[start_batch:]

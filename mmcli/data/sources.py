@@ -22,7 +22,7 @@ from braceexpand import braceexpand
 from mmcli.data.images import is_image_file
 from mmcli.errors import MmcliError
 from mmcli.io import SUFFIX_FORMATS
-from mmcli.spec import SourceSpec
+from mmcli.spec import SourceSpec, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def _is_shard_pattern(path: str) -> bool:
 
 
 def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+    # What webdataset's gopen does not open as a plain path: file: URLs and every other scheme.
+    return url_scheme(url) != ""
 
 
 def source_format(spec: SourceSpec) -> str:
@@ -91,6 +92,14 @@ def webdataset_urls(spec: SourceSpec) -> list[str]:
         urls = sorted(str(p) for p in Path(spec.path).expanduser().glob("*.tar"))
     else:
         urls = [str(Path(spec.path).expanduser())]
+    if not spec.allow_commands:
+        # The spec refuses these too; this guards callers that build a SourceSpec without validation.
+        commands = [u for u in urls if url_scheme(u) not in ("", "file")]
+        if commands:
+            raise MmcliError(
+                f"{spec.path}: {commands[0][:80]!r} is opened by running a program "
+                f"(scheme {url_scheme(commands[0])!r}); set allow_commands: true on the source to allow it"
+            )
     missing = [u for u in urls if not _is_remote(u) and not Path(u).expanduser().is_file()]
     if not urls:
         raise MmcliError(f"{spec.path}: no .tar shards found")

@@ -112,12 +112,16 @@ def evaluate_alignment(
             grounded = [c.text for c in found_concepts if c.grounded]  # what the alignment picks from
             chance += [chance_rate(grounded, c, s) if f is not None else 0.0 for (c, s), f in zip(objects, found)]
             matched += sum(f is not None for f in found)
-    n = max(len(hits), 1)
+    n = len(hits)  # no object scored: no figure (None), not 0
+
+    def share(total: float) -> float | None:
+        return round(total / n, 4) if n else None
+
     return {
-        "accuracy": round(sum(hits) / n, 4),
-        "n_objects": len(hits),
-        "chance": round(sum(chance) / n, 4),
-        "objects_with_region": round(matched / n, 4),
+        "accuracy": share(sum(hits)),
+        "n_objects": n,
+        "chance": share(sum(chance)),
+        "objects_with_region": share(matched),
         "regions": regions or model.fusion.settings.get("regions", "given"),
         "iterations": iterations,
         "max_iters": model.fusion.settings.get("max_iters"),

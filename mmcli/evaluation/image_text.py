@@ -74,13 +74,14 @@ def class_index(labels: list[str], class_names: list[str] | None, where: str) ->
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``(train, test)`` indices holding out ``round(test_fraction·n_c)`` of each class c
-    (at least one, and at least one left for training when the class has two or more)."""
+    """Sorted ``(train, test)`` indices holding out ``round(test_fraction·n_c)`` of each class c,
+    at least one and at most ``n_c − 1``: every class keeps a training example (a class the probe
+    never saw could not be predicted), and a class of one example is not tested."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        n_test = min(max(1, round(test_fraction * len(members))), max(len(members) - 1, 1))
+        n_test = min(max(1, round(test_fraction * len(members))), len(members) - 1)
         test.append(members[:n_test])
         train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -115,48 +116,74 @@ class Embedder:
         return embed_texts(self.loaded, texts, batch_size=self.batch_size, device=self.device)
 
 
-def zero_shot(embedder: Embedder, spec: ZeroShotTaskSpec, *, confusion_png: str) -> dict[str, Any]:
-    """acc1, acc5 (None under 5 classes), mean per-class recall, and a confusion-matrix PNG."""
+def zero_shot(
+    embedder: Embedder, spec: ZeroShotTaskSpec, *, confusion_png: str, notes: list[str] | None = None
+) -> dict[str, Any]:
+    """acc1, acc5 (None with 5 classes or fewer), mean per-class recall, and a confusion-matrix
+    PNG; with no usable image, or a single class, every figure is None (and noted) and no PNG is
+    written."""
     from mmcli.evaluation.zeroshot import class_embeddings, templates_for
 
+    notes = notes if notes is not None else []
     paths, labels = read_labelled(spec)
     names, y = class_index(labels, spec.class_names, spec.path)
     emb, ok = embedder.images(paths)
+    out = {"n": int(ok.sum()), "n_classes": len(names), "templates": len(templates_for(spec.templates))}
+    out["skipped"] = int((~ok).sum())
+    if not ok.any() or len(names) < 2:
+        why = "no usable image" if not ok.any() else "a single class (every image would be right)"
+        notes.append(f"zero-shot: not scored: {why}")
+        return {"acc1": None, "acc5": None, "mean_per_class_recall": None, **out, "confusion_matrix": None}
     weights = class_embeddings(embedder.loaded, names, templates_for(spec.templates), device=embedder.device)
     logits = emb @ weights.T
     scores = metrics.zero_shot_accuracy(logits, y[ok], len(names))
+    if scores["top5"] is None:
+        notes.append(f"zero-shot acc5: not available with {len(names)} classes (needs more than 5)")
     matrix = metrics.confusion_matrix(logits.argmax(1), y[ok], len(names))
     plot_confusion(matrix, names, confusion_png, title=f"zero-shot confusion ({Path(spec.path).name})")
     return {
         "acc1": scores["top1"],
         "acc5": scores["top5"],
         "mean_per_class_recall": scores["mean_per_class_recall"],
-        "n": int(ok.sum()),
-        "n_classes": len(names),
-        "templates": len(templates_for(spec.templates)),
-        "skipped": int((~ok).sum()),
+        **out,
         "confusion_matrix": confusion_png,
     }
 
 
-def retrieval(embedder: Embedder, spec: RetrievalTaskSpec) -> dict[str, Any]:
-    """Recall@K both ways (CLIP paper: an image is a hit if any of its captions is in its top K)."""
+def retrieval(embedder: Embedder, spec: RetrievalTaskSpec, *, notes: list[str] | None = None) -> dict[str, Any]:
+    """Recall@K both ways (CLIP paper: an image is a hit if any of its captions is in its top K).
+    A recall that every query would reach (too few images or texts for K) is None, and noted."""
+    notes = notes if notes is not None else []
     paths, texts, owner = read_pairs(spec)
     image_emb, ok = embedder.images(paths)
     # Captions of unreadable images are left out: their right answer is not in the gallery.
     new_id = np.cumsum(ok) - 1
     keep = ok[owner]
-    text_emb = embedder.texts([t for t, k in zip(texts, keep) if k])
+    kept = [t for t, k in zip(texts, keep) if k]
+    text_emb = embedder.texts(kept) if kept else np.zeros((0, image_emb.shape[1]), np.float32)
     recall = metrics.retrieval_recall(image_emb, text_emb, new_id[owner[keep]], ks=spec.ks)
+    n_images, n_texts = int(ok.sum()), int(keep.sum())
     out = {}
     for k in spec.ks:
         out[f"image_retrieval_recall@{k}"] = recall[f"text_to_image_R@{k}"]
         out[f"text_retrieval_recall@{k}"] = recall[f"image_to_text_R@{k}"]
-    return {**out, "n_images": int(ok.sum()), "n_texts": int(keep.sum()), "skipped": int((~ok).sum())}
+    missing = [name for name, value in out.items() if value is None]
+    if missing:
+        minimum = metrics.MIN_RETRIEVAL_ITEMS
+        why = (
+            f"needs at least {minimum} usable images and {minimum} captions"
+            if min(n_images, n_texts) < minimum
+            else "every query would be a hit: K must be below the number of candidates"
+        )
+        notes.append(f"retrieval with {n_images} images and {n_texts} texts: {', '.join(missing)} not scored ({why})")
+    return {**out, "n_images": n_images, "n_texts": n_texts, "skipped": int((~ok).sum())}
 
 
-def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec) -> dict[str, Any]:
-    """Test accuracy of a logistic regression on frozen image embeddings, for each shot count."""
+def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec, *, notes: list[str] | None = None) -> dict[str, Any]:
+    """Test accuracy of a logistic regression on frozen image embeddings, for each shot count.
+    A row is None (and noted) without a test example, when some class has no training example,
+    or, for k shots, when some class has fewer than k: it would not be a k-shot figure."""
+    notes = notes if notes is not None else []
     paths, labels = read_labelled(spec.train)
     names, y = class_index(labels, None, spec.train.path)
     emb, ok = embedder.images(paths)
@@ -170,5 +197,21 @@ def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec) -> dict[str, Any
         tx, test_ok = embedder.images(test_paths)
         ty = test_y[test_ok]
     accs = metrics.linear_probe(x, y, tx, ty, n_classes=len(names), shots=spec.shots, seed=spec.seed)
-    out = {("lp_acc1" if k is None else f"lp_acc1_{k}shot"): acc for k, acc in accs.items()}
+    out = {_probe_key(k): acc for k, acc in accs.items()}
+    for k, acc in accs.items():
+        if acc is None:
+            notes.append(f"linear probe {_probe_key(k)}: not scored ({_probe_shortfall(y, ty, names, k)})")
     return {**out, "n_train": int(len(y)), "n_test": int(len(ty)), "n_classes": len(names)}
+
+
+def _probe_key(k: int | None) -> str:
+    return "lp_acc1" if k is None else f"lp_acc1_{k}shot"
+
+
+def _probe_shortfall(y: np.ndarray, ty: np.ndarray, names: list[str], k: int | None) -> str:
+    if len(ty) == 0:
+        return "no usable test image"
+    short = metrics.short_classes(y, len(names), k)
+    listed = ", ".join(f"{names[c]!r} has {n}" for c, n in list(short.items())[:3])
+    more = f" and {len(short) - 3} more classes" if len(short) > 3 else ""
+    return f"needs {k or 1} training image{'s' if (k or 1) > 1 else ''} per class; {listed}{more}"

@@ -6,6 +6,10 @@ Inputs are numpy arrays or torch tensors (any device; converted by :func:`to_num
 Ties count against the model in retrieval, zero-shot and matching: an item scoring exactly as
 much as the right answer is ranked before it, so a model that gives every candidate the same
 score gets no credit. (Masked-token accuracy takes the argmax over the vocabulary.)
+
+A figure that any model would get right by construction, or that has nothing to be computed on,
+is ``None``, never a number: recall@K with no more than K candidates, top-K accuracy with no more
+than K classes, a probe without a training example of some class or without a test example.
 """
 
 from __future__ import annotations
@@ -67,17 +71,33 @@ def retrieval_recall(
     similar texts (images without a caption are left out). Scores are computed ``chunk``
     rows at a time, never as a full N×M matrix.
 
-    Returns ``{"image_to_text_R@1": .., .., "text_to_image_R@1": .., ..}``.
+    Returns ``{"image_to_text_R@1": .., .., "text_to_image_R@1": .., ..}``. A recall is None
+    (not meaningful) with fewer than :data:`MIN_RETRIEVAL_ITEMS` images or texts, and when every
+    query would be a hit whatever the embeddings: text→image when ``K`` ≥ the number of images,
+    image→text when ``K`` exceeds the number of other images' texts of every captioned image.
     """
     images, texts = _float_matrix(image_emb, "image_emb"), _float_matrix(text_emb, "text_emb")
     owner = _labels(text_to_image, len(images), "text_to_image")
     if len(owner) != len(texts):
         raise ValueError(f"text_to_image has {len(owner)} entries for {len(texts)} texts")
+    out: dict[str, float | None] = {f"{d}_R@{k}": None for d in ("image_to_text", "text_to_image") for k in ks}
+    if min(len(images), len(texts)) < MIN_RETRIEVAL_ITEMS:
+        return out
+    own_captions = np.bincount(owner, minlength=len(images))
+    most_others = len(texts) - own_captions[own_captions > 0].min()  # other texts an image ranks against
     ranks = {
-        "image_to_text": _image_to_text_ranks(images, texts, owner, chunk),
-        "text_to_image": _text_to_image_ranks(images, texts, owner, chunk),
+        "image_to_text": (_image_to_text_ranks(images, texts, owner, chunk), most_others),
+        "text_to_image": (_text_to_image_ranks(images, texts, owner, chunk), len(images) - 1),
     }
-    return {f"{direction}_R@{k}": float(np.mean(r < k)) for direction, r in ranks.items() for k in ks}
+    for direction, (rank, worst) in ranks.items():
+        for k in ks:
+            if k <= worst:  # some query could rank its answer k-th or lower: the recall can fail
+                out[f"{direction}_R@{k}"] = float(np.mean(rank < k))
+    return out
+
+
+MIN_RETRIEVAL_ITEMS = 2
+"""Retrieval needs at least this many images and texts: with one, every query finds it."""
 
 
 def _text_to_image_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, chunk: int) -> np.ndarray:
@@ -132,28 +152,31 @@ def zero_shot_accuracy(
     """Top-1, top-5 and mean per-class recall of zero-shot classification.
 
     ``scores`` are logits N×C, or ``(image_emb N×D, class_emb C×D)`` (class_emb: the text
-    embedding of each class prompt); ``labels`` N ints in [0, C). ``top5`` is None when there
-    are fewer than 5 classes. Mean per-class recall averages the top-1 accuracy of each class
-    that has test examples, so a large class cannot hide a failing small one.
+    embedding of each class prompt); ``labels`` N ints in [0, C). Top-K is None unless there are
+    more than K classes (with K classes or fewer every image is a top-K hit), and every figure is
+    None without an image. Mean per-class recall averages the top-1 accuracy of each class that
+    has test examples, so a large class cannot hide a failing small one.
     """
     logits = class_scores(scores)
     labels = _labels(labels, n_classes)
     if logits.shape != (len(labels), n_classes):
         raise ValueError(f"scores must be {len(labels)}×{n_classes}, got {logits.shape}")
     rank = true_class_rank(logits, labels)
+    meaningful = len(labels) > 0 and n_classes > 1
     return {
-        "top1": float(np.mean(rank < 1)),
-        "top5": float(np.mean(rank < 5)) if n_classes >= 5 else None,
-        "mean_per_class_recall": mean_per_class_recall(rank < 1, labels),
+        "top1": float(np.mean(rank < 1)) if meaningful else None,
+        "top5": float(np.mean(rank < 5)) if meaningful and n_classes > 5 else None,
+        "mean_per_class_recall": mean_per_class_recall(rank < 1, labels) if meaningful else None,
         "n": len(labels),
     }
 
 
-def mean_per_class_recall(hits: ArrayLike, labels: ArrayLike) -> float:
-    """Mean over the classes present in ``labels`` of the fraction of their ``hits`` (bools)."""
+def mean_per_class_recall(hits: ArrayLike, labels: ArrayLike) -> float | None:
+    """Mean over the classes present in ``labels`` of the fraction of their ``hits`` (bools);
+    None without labels."""
     hits, labels = np.asarray(hits, dtype=np.float64), np.asarray(labels)
     present = np.unique(labels)
-    return float(np.mean([hits[labels == c].mean() for c in present])) if present.size else 0.0
+    return float(np.mean([hits[labels == c].mean() for c in present])) if present.size else None
 
 
 def confusion_matrix(pred: ArrayLike, labels: ArrayLike, n_classes: int) -> np.ndarray:
@@ -200,20 +223,33 @@ def linear_probe(
     ``train_x`` N×D, ``train_y`` N ints, ``test_x`` M×D, ``test_y`` M ints. For each ``k`` in
     ``shots`` the classifier sees :func:`sample_shots` (k per class, seeded; None = all) of
     the features standardised with the mean and std of all of ``train_x``, and is fitted by
-    full-batch L-BFGS (``steps`` iterations) on cross-entropy + ``weight_decay``/2·‖W‖². Returns {k: acc}.
+    full-batch L-BFGS (``steps`` iterations) on cross-entropy + ``weight_decay``/2·‖W‖². Returns
+    {k: acc}; an accuracy is None (not fitted) without a test example, or when some of the
+    ``n_classes`` classes has fewer than ``k`` (for ``None``: fewer than 1) training examples, so
+    that a row is never a k-shot figure that is not k-shot (see :func:`short_classes`).
     """
     x, tx = _float_matrix(train_x, "train_x"), _float_matrix(test_x, "test_x")
     y, ty = _labels(train_y, n_classes, "train_y"), _labels(test_y, n_classes, "test_y")
+    results: dict[int | None, float | None] = {k: None for k in shots}
+    fitted = [k for k in shots if len(ty) and not short_classes(y, n_classes, k)]
+    if not fitted:
+        return results
     # Statistics of all training features (no labels): a 1-shot sample's own spread would
     # blow up noise dimensions as much as the informative ones.
     mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
     x, tx = (x - mean) / std, (tx - mean) / std
-    results = {}
-    for k in shots:
+    for k in fitted:
         chosen = sample_shots(y, k, seed=seed)
         predict = _fit_logistic(x[chosen], y[chosen], n_classes, steps=steps, weight_decay=weight_decay)
         results[k] = float(np.mean(predict(tx) == ty))
     return results
+
+
+def short_classes(train_y: ArrayLike, n_classes: int, k: int | None) -> dict[int, int]:
+    """``{class: training examples}`` of the classes with fewer than ``k`` (None: fewer than 1)."""
+    counts = np.bincount(np.asarray(to_numpy(train_y), dtype=np.int64).reshape(-1), minlength=n_classes)
+    need = 1 if k is None else k
+    return {c: int(n) for c, n in enumerate(counts) if n < need}
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, weight_decay: float):
@@ -287,8 +323,8 @@ def _same_answer(predicted: str, answer: str) -> bool:
     return normalize_answer(predicted) == normalize_answer(answer)
 
 
-def _mean(values: list[bool]) -> float:
-    return round(sum(values) / len(values), 4) if values else 0.0
+def _mean(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None  # nothing scored: no accuracy
 
 
 def _most_common(counts: dict[str, int]) -> str:

@@ -42,18 +42,15 @@ class EvalTask:
 
 def _zero_shot(ctx: EvalContext, spec) -> dict[str, Any]:
     png = spec.confusion or str(ctx.output.with_name(ctx.output.stem + "-confusion.png"))
-    scores = image_text.zero_shot(ctx.embedder, spec, confusion_png=png)
-    if scores["acc5"] is None:
-        ctx.notes.append(f"zero-shot acc5: not available with {scores['n_classes']} classes (needs 5)")
-    return scores
+    return image_text.zero_shot(ctx.embedder, spec, confusion_png=png, notes=ctx.notes)
 
 
 def _retrieval(ctx: EvalContext, spec) -> dict[str, Any]:
-    return image_text.retrieval(ctx.embedder, spec)
+    return image_text.retrieval(ctx.embedder, spec, notes=ctx.notes)
 
 
 def _linear_probe(ctx: EvalContext, spec) -> dict[str, Any]:
-    return image_text.linear_probe(ctx.embedder, spec)
+    return image_text.linear_probe(ctx.embedder, spec, notes=ctx.notes)
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

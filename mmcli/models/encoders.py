@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from mmcli.errors import MmcliError
-from mmcli.spec import ModelSpec
+from mmcli.spec import ModelSpec, check_arch_name
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
@@ -36,10 +37,22 @@ def register_presets() -> None:
 
 
 def register_config(name: str, config: dict[str, Any]) -> None:
-    """Register an inline open_clip model config under ``name``."""
-    folder = Path(tempfile.mkdtemp(prefix="mmcli-config-"))
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / f"{name}.json")
+    """Register an inline open_clip model config under ``name`` (a plain model name, never a path).
+
+    open_clip registers a config file under its file stem and reads it at once, so the file is
+    written to a private temporary folder that is removed again before this returns."""
+    try:
+        check_arch_name(name)
+    except ValueError as exc:
+        raise MmcliError(f"model.arch: {exc}") from None
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if missing:
+        # open_clip would skip such a file silently and build whatever else has the name.
+        raise MmcliError(f"model.config: not an open_clip model config (missing {', '.join(missing)})")
+    with tempfile.TemporaryDirectory(prefix="mmcli-config-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config, allow_nan=False), encoding="utf-8")
+        open_clip.add_model_config(path)
 
 
 @dataclass
@@ -104,6 +117,14 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
                 device=device,
                 weights_only=True,
             )
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) met a pickled object that is not a tensor: loading it
+        # would run code from the file.
+        raise MmcliError(
+            f"model.pretrained: {pretrained}: refused, the file holds pickled Python objects that "
+            f"torch.load(weights_only=True) will not load ({_first_line(exc)}); use a .safetensors "
+            "file, or convert this one where you trust it"
+        ) from None
     except (RuntimeError, OSError, ValueError) as exc:
         raise _weights_error(spec, exc) from None
     tokenizer = open_clip.get_tokenizer(arch)
@@ -129,6 +150,14 @@ def _weights_error(spec: ModelSpec, exc: Exception) -> MmcliError:
             f"model.pretrained to its local path"
         )
     return MmcliError(f"model: could not build {spec.arch!r} from {what!r}: {str(exc).splitlines()[0][:200]}")
+
+
+def _first_line(exc: Exception) -> str:
+    """What torch's long refusal message says was refused ("Unsupported global: GLOBAL …")."""
+    text = " ".join(str(exc).split())
+    start = text.find("Unsupported global")
+    detail = text[start:].split(". ")[0] if start >= 0 else text.split(". ")[0]
+    return detail[:160]
 
 
 def count_parameters(model: nn.Module) -> int:

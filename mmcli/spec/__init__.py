@@ -10,8 +10,17 @@ One module per concern: :mod:`~mmcli.spec.base` (the :class:`Section` base and l
 Import from ``mmcli.spec``; every public name is re-exported here.
 """
 
-from mmcli.spec.base import Section, apply_overrides, load_spec, parse_override, read_yaml, validate
-from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec
+from mmcli.spec.base import (
+    MAX_SPEC_VALUES,
+    Section,
+    apply_overrides,
+    load_spec,
+    load_yaml_text,
+    parse_override,
+    read_yaml,
+    validate,
+)
+from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec, check_arch_name, command_url, url_scheme
 from mmcli.spec.evaluate import (
     EVAL_TASKS,
     AlignmentEvalTaskSpec,
@@ -39,9 +48,11 @@ from mmcli.spec.pretrain import (
 
 __all__ = [
     # base
+    "MAX_SPEC_VALUES",
     "Section",
     "apply_overrides",
     "load_spec",
+    "load_yaml_text",
     "parse_override",
     "read_yaml",
     "validate",
@@ -50,6 +61,9 @@ __all__ = [
     "OutputSpec",
     "SourceSpec",
     "TrainSpec",
+    "check_arch_name",
+    "command_url",
+    "url_scheme",
     # fusion
     "FusionSpec",
     "GraphSpec",

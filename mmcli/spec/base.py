@@ -8,13 +8,83 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mmcli.errors import MmcliError
+from mmcli.errors import MmcliError, describe_validation_error
 
 
 class Section(BaseModel):
-    """Base of every spec section: unknown keys are errors, field docstrings are descriptions."""
+    """Base of every spec section: unknown keys are errors, field docstrings are descriptions, and
+    every number must be finite (``.inf`` or ``.nan`` would train a model of NaNs and exit 0)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with bounded aliases
+# --------------------------------------------------------------------------------------------
+
+MAX_SPEC_VALUES = 100_000
+"""The most values (mappings, lists and scalars) a spec may hold once its YAML aliases are
+expanded. Anchors and aliases (``&a`` … ``*a``) are allowed for reuse, but a few lines of nested
+aliases can stand for billions of values ("billion laughs"), which every later copy of the spec
+(the run folder's ``spec.yaml``, an inline ``model.config``) would write out in full."""
+
+
+class SpecYamlError(Exception):
+    """A YAML document that is well-formed but not acceptable as a spec."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses documents expanding past :data:`MAX_SPEC_VALUES` values."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values of ``root`` with every alias expanded (each distinct node once, memoised:
+    linear in the document's size) and refuse recursive aliases."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SpecYamlError("a recursive alias (an anchor used inside itself)")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_SPEC_VALUES:
+                raise SpecYamlError(
+                    f"its aliases expand to more than {MAX_SPEC_VALUES:,} values; a spec is never this large"
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, refusing alias expansions past :data:`MAX_SPEC_VALUES`
+    (:class:`SpecYamlError`) as well as malformed YAML (``yaml.YAMLError``)."""
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise SpecYamlError("nested too deeply") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,9 +101,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise MmcliError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except SpecYamlError as exc:
+        raise MmcliError(f"--set {key.strip()}: {exc}") from None
     return keys, value
 
 
@@ -59,11 +131,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MmcliError(f"{path}: no such spec file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise MmcliError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except SpecYamlError as exc:
+        raise MmcliError(f"{path}: not accepted as a spec: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MmcliError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -72,17 +148,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """Validate ``data`` as ``model``, turning the first error into one clear line."""
+    """Validate ``data`` as ``model``; every mistake is named, on one line, separated by ``;``."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise MmcliError(f"{source}: {loc}: {msg}{more}") from None
+        raise MmcliError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def load_spec(path: str | Path, model: type[BaseModel], overrides: list[str] | None = None) -> Any:

@@ -285,3 +285,78 @@ def test_webdataset_size_from_the_spec(shard_dir):
     spec = SourceSpec(path=str(shard_dir), size=100)
     loader = make_loader(spec, data, to_tensor, sample_number, batch_size=5, train=True, seed=0, world_size=2)
     assert loader.num_samples == 100 and len(loader) == 10
+
+
+# --------------------------------------------------------------------------------------------
+# unusable data: no empty batch, skipped samples carried, empty sources end
+# --------------------------------------------------------------------------------------------
+
+
+def _tsv_with_broken(tmp_path: Path, n: int, broken: set[int]) -> DataSpec:
+    for i in range(n):
+        if i in broken:
+            (tmp_path / f"{i}.png").write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "p.tsv").write_text("filepath\ttitle\n" + "".join(f"{i}.png\tc{i}\n" for i in range(n)))
+    return data_spec(str(tmp_path / "p.tsv"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_without_one_decoded_image_is_dropped_and_its_skips_carried(tmp_path, workers):
+    # batches of 2 in order: [0 1] all broken, [2 3] one broken, [4 5] all broken, [6 7] good,
+    # [8 9] all broken (after the last yielded batch).
+    data = _tsv_with_broken(tmp_path, 10, {0, 1, 3, 4, 5, 8, 9})
+    data = data.model_copy(update={"workers": workers})
+    loader = make_loader(data.train, data, to_tensor, caption_length, batch_size=2, train=False, seed=0)
+    batches = list(loader)
+    assert [b["index"].tolist() for b in batches] == [[2], [6, 7]]
+    assert [b["skipped"] for b in batches] == [2 + 1, 2]  # since the previous yielded batch
+    assert [b["batches"] for b in batches] == [2, 2]  # planned batches each stands for
+    assert all(b["images"].shape[0] > 0 for b in batches)
+    assert loader.skipped == 7  # the two broken ones after the last batch are counted too
+
+
+def test_a_source_without_one_decodable_image_yields_no_batch(tmp_path):
+    data = _tsv_with_broken(tmp_path, 6, set(range(6)))
+    loader = make_loader(data.train, data, to_tensor, caption_length, batch_size=2, train=True, seed=0)
+    assert len(loader) == 3  # planned
+    assert list(loader) == [] and loader.skipped == 6
+
+
+def _shards(out: Path, members) -> Path:
+    out.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(out / f"s-{s}.tar")) as sink:
+            for j in range(6):
+                sink.write({"__key__": f"{s}-{j:03d}", **members(s * 6 + j)})
+    return out
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        lambda n: {"jpg": b"\xff\xd8\xff not a jpeg", "txt": f"sample {n}"},  # no image decodes
+        lambda n: {"txt": f"sample {n}"},  # no image at all
+        lambda n: {"jpg": jpeg(n)},  # no caption
+    ],
+    ids=["undecodable", "no-image", "no-caption"],
+)
+def test_webdataset_without_a_usable_sample_ends_with_an_empty_epoch(tmp_path, members):
+    shards = _shards(tmp_path / "shards", members)
+    data = data_spec(str(shards), shuffle_buffer=4)
+    source = SourceSpec(path=str(shards), size=12)  # as a user would state it; the epoch plans 6 batches
+    loader = make_loader(source, data, to_tensor, sample_number, batch_size=2, train=True, seed=0)
+    assert len(loader) == 6
+    batches = list(loader)  # refilling passes stop once a pass yields nothing
+    assert batches == []
+    assert loader.skipped >= 12  # every sample of the first pass at least
+
+
+def test_webdataset_skips_are_carried_into_the_next_batch(tmp_path):
+    # One shard in order: samples 0-3 unusable, then good ones; batches of 2 without shuffling.
+    shards = _shards(tmp_path / "shards", lambda n: {"jpg": jpeg(n) if n % 6 >= 4 else b"bad", "txt": f"sample {n}"})
+    data = data_spec(str(shards / "s-0.tar"), shuffle_buffer=1)
+    loader = make_loader(data.train, data, to_tensor, sample_number, batch_size=2, train=False, seed=0)
+    (batch,) = list(loader)
+    assert batch["texts"][:, 0].tolist() == [4, 5] and batch["skipped"] == 4 and batch["batches"] == 3

@@ -121,3 +121,19 @@ def test_not_a_shapes_file_is_named(tmp_path):
     path.write_text('{"image": "a.png"}\n')
     with pytest.raises(MmcliError, match=r"x.jsonl: line 1: missing id, caption"):
         read_shapes_jsonl(path)
+
+
+def test_example_loader_never_yields_an_empty_batch_and_carries_the_skips(jsonl, tmp_path):
+    from PIL import Image
+
+    from mmcli.data.examples import example_loader
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "b.png")
+    (tmp_path / "img" / "a.png").write_bytes(b"not a png")  # a's two questions cannot be decoded
+    examples = question_examples(read_shapes_jsonl(jsonl))
+    dataset = ExampleDataset(examples, ["yes", "no"], lambda im: torch.zeros(3, 8, 8), lambda t: torch.tensor([1, 0]))
+    batches = list(example_loader(dataset, batch_size=2, train=False, seed=0))
+    assert [b["index"].tolist() for b in batches] == [[2, 3]]  # b's questions; a's batch is dropped
+    assert batches[0]["skipped"] == 2 and batches[0]["batches"] == 2
+    assert batches[0]["labels"].tolist() == [1, 0]

@@ -186,3 +186,14 @@ def test_records_are_immutable_and_hashable(tmp_path):
     with pytest.raises(AttributeError):
         record.text = "u"  # type: ignore[misc]
     assert len({record, Record(record.image, "t", {"k": 1})}) == 1
+
+
+def test_webdataset_urls_refuse_a_command_even_without_spec_validation(tmp_path):
+    marker = tmp_path / "ran"
+    fields = {**SourceSpec(path="x.tar").model_dump(), "path": f"{{a,pipe:touch {marker}}}.tar"}
+    spec = SourceSpec.model_construct(**fields)  # as a caller that skipped validation would
+    with pytest.raises(MmcliError, match=r"'pipe:touch .*' is opened by running a program \(scheme 'pipe'\)"):
+        webdataset_urls(spec)
+    assert not marker.exists()
+    allowed = SourceSpec(path="pipe:cat shard.tar", allow_commands=True)
+    assert webdataset_urls(allowed) == ["pipe:cat shard.tar"]  # opened only when allowed

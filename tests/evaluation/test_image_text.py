@@ -24,9 +24,10 @@ def test_stratified_split_holds_out_a_share_of_each_class():
     labels = np.array([0, 0, 0, 0, 1, 1, 2])
     train, test = stratified_split(labels, 0.5, seed=0)
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(7))
-    # class 0: 2 of 4 held out; class 1: 1 of 2; class 2 (one image): held out, none left to train.
-    assert np.bincount(labels[test], minlength=3).tolist() == [2, 1, 1]
-    assert np.bincount(labels[train], minlength=3).tolist() == [2, 1, 0]
+    # class 0: 2 of 4 held out; class 1: 1 of 2; class 2 (one image): kept to train, not tested
+    # (held out, the probe could never predict it).
+    assert np.bincount(labels[test], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(labels[train], minlength=3).tolist() == [2, 1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_eval_from_flags_reports_top5_unavailable_under_five_classes(trained_run
     assert record["task"] == "zeroshot_classification" and record["dataset"] == class_tree.name
     assert record["metrics"]["acc5"] is None and record["metrics"]["n_classes"] == 3
     assert record["metrics"]["templates"] == 2
-    assert printed["notes"] == ["zero-shot acc5: not available with 3 classes (needs 5)"]
+    assert printed["notes"] == ["zero-shot acc5: not available with 3 classes (needs more than 5)"]
 
 
 def test_fused_tasks_need_a_run_with_their_head(nano_run, shapes_dir, tmp_path):
@@ -202,3 +203,75 @@ def test_shipped_eval_spec_validates():
     assert spec_model_for(path) is SPEC_KINDS["eval"]
     spec = load_spec(path, SPEC_KINDS["eval"])
     assert spec.zero_shot.templates == "shapes" and spec.retrieval is not None and spec.linear_probe is not None
+
+
+# --------------------------------------------------------------------------------------------
+# too little usable data: no figure that any model would get, no NumPy warning
+# --------------------------------------------------------------------------------------------
+
+
+def _run_eval(tmp_path, model, **tasks):
+    import warnings
+
+    spec = tmp_path / "eval.yaml"
+    spec.write_text(yaml.safe_dump({"model": str(model), "output": str(tmp_path / "e.json"), "workers": 0, **tasks}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(spec, [], device="cpu")
+    numeric = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert numeric == [], [str(w.message) for w in numeric]
+    return {r["task"]: r["metrics"] for r in json.loads((tmp_path / "e.json").read_text())}, result["notes"]
+
+
+def test_retrieval_on_one_usable_image_reports_no_recall(nano_run, shapes_dir, tmp_path):
+    rows = (shapes_dir / "test.tsv").read_text().splitlines()
+    header, good = rows[0], rows[1].split("\t")
+    image_col = header.split("\t").index("filepath")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    lines = [header, "\t".join(good[:image_col] + [str(shapes_dir / good[image_col])] + good[image_col + 1 :])]
+    for i in range(3):
+        bad = list(good)
+        bad[image_col] = str(tmp_path / "broken.png") if i else str(tmp_path / "missing.png")
+        lines.append("\t".join(bad))
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    metrics, notes = _run_eval(tmp_path, nano_run, retrieval={"path": str(tmp_path / "pairs.tsv")})
+    scores = metrics["zeroshot_retrieval"]
+    assert (scores["n_images"], scores["n_texts"]) == (1, 1)
+    recalls = {k: v for k, v in scores.items() if "recall@" in k}
+    assert len(recalls) == 6 and set(recalls.values()) == {None}  # was 1.0 for every K
+    assert any("needs at least 2 usable images and 2 captions" in n for n in notes)
+
+
+def test_linear_probe_without_training_examples_is_not_scored(nano_run, class_tree, tmp_path):
+    train = tmp_path / "train"
+    for name in CLASSES:
+        (train / name).mkdir(parents=True)
+        (train / name / "x.png").write_bytes(b"not a png")  # every training image unreadable
+    probe = {"train": {"path": str(train)}, "test": {"path": str(class_tree)}, "shots": [1, None]}
+    metrics, notes = _run_eval(tmp_path, nano_run, linear_probe=probe)
+    lp = metrics["linear_probe"]
+    assert lp["lp_acc1"] is None and lp["lp_acc1_1shot"] is None  # was 0.0, with NumPy warnings
+    assert lp["n_train"] == 0 and lp["n_test"] == 6
+    assert any("lp_acc1: not scored (needs 1 training image per class; 'blue square' has 0" in n for n in notes)
+
+
+def test_linear_probe_marks_a_k_shot_row_that_is_not_k_shot(nano_run, class_tree, tmp_path):
+    # Two images per class: one is held out, one trains; a 2-shot probe would be a 1-shot probe.
+    probe = {"train": {"path": str(class_tree)}, "shots": [1, 2, None]}
+    metrics, notes = _run_eval(tmp_path, nano_run, linear_probe=probe)
+    lp = metrics["linear_probe"]
+    assert lp["lp_acc1_2shot"] is None and lp["lp_acc1_1shot"] is not None and lp["lp_acc1"] is not None
+    assert any(n.startswith("linear probe lp_acc1_2shot: not scored (needs 2 training images per class") for n in notes)
+
+
+def test_zero_shot_with_five_classes_reports_no_top5(nano_run, shapes_dir, tmp_path):
+    rows = (shapes_dir / "classify.tsv").read_text().splitlines()
+    labels = sorted({r.split("\t")[2] for r in rows[1:]})[:5]
+    kept = [rows[0]] + [str(shapes_dir / r) for r in rows[1:] if r.split("\t")[2] in labels]
+    (tmp_path / "five.tsv").write_text("\n".join(kept) + "\n")
+    metrics, notes = _run_eval(
+        tmp_path, nano_run, zero_shot={"path": str(tmp_path / "five.tsv"), "templates": "shapes"}
+    )
+    scores = metrics["zeroshot_classification"]
+    assert scores["n_classes"] == 5 and scores["acc5"] is None  # every image is a top-5 hit with 5 classes
+    assert notes == ["zero-shot acc5: not available with 5 classes (needs more than 5)"]

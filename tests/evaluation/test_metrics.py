@@ -24,9 +24,9 @@ def test_retrieval_recall_on_a_hand_computed_example():
     for chunk in (1, 2, 4096):
         assert m.retrieval_recall(images, texts, owner, ks=(1, 2), chunk=chunk) == {
             "image_to_text_R@1": 0.5,
-            "image_to_text_R@2": 1.0,
+            "image_to_text_R@2": 1.0,  # i1 ranks against t0 and t1: it could have missed
             "text_to_image_R@1": 1 / 3,
-            "text_to_image_R@2": 1.0,
+            "text_to_image_R@2": None,  # 2 images: every text finds its image in the top 2
         }
 
 
@@ -47,18 +47,21 @@ def test_retrieval_recall_matches_a_full_matrix_reference():
 
 def test_images_without_captions_are_left_out():
     images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    got = m.retrieval_recall(images, np.array([[1.0, 0.0]]), [0], ks=(1,))
-    assert got == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}  # only image 0 is scored
+    texts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    got = m.retrieval_recall(images, texts, [0, 1], ks=(1,))
+    assert got == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}  # only images 0 and 1 are scored
 
 
 def test_ties_count_against_the_model():
     same = np.ones((3, 2)) / np.sqrt(2)  # every score equal: no real ranking at all
-    got = m.retrieval_recall(same, same, [0, 1, 2], ks=(1, 3))
+    got = m.retrieval_recall(same, same, [0, 1, 2], ks=(1, 2, 3))
     assert got == {
         "image_to_text_R@1": 0.0,
-        "image_to_text_R@3": 1.0,
+        "image_to_text_R@2": 0.0,
+        "image_to_text_R@3": None,  # 3 images: the answer is always in the top 3
         "text_to_image_R@1": 0.0,
-        "text_to_image_R@3": 1.0,
+        "text_to_image_R@2": 0.0,
+        "text_to_image_R@3": None,
     }
 
 
@@ -177,3 +180,67 @@ def test_answer_accuracy_majority_baselines_from_the_training_prior():
 def test_to_numpy_converts_bfloat16_tensors():
     got = m.to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
     assert got.dtype == np.float32 and got.tolist() == [1.5, -2.0]
+
+
+# --------------------------------------------------------------------------------------------
+# figures that cannot be trusted are None, never a number (and never a NumPy warning)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning (mean of empty slice, …) fails the test
+        yield
+
+
+def test_retrieval_with_one_image_or_one_text_is_not_scored(no_warnings):
+    one = np.array([[1.0, 0.0]])
+    assert set(m.retrieval_recall(one, one, [0], ks=(1, 5)).values()) == {None}  # was R@1 = 1.0
+    two = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert set(m.retrieval_recall(two, one, [0], ks=(1,)).values()) == {None}  # one text
+    assert set(m.retrieval_recall(np.zeros((0, 2)), np.zeros((0, 2)), [], ks=(1,)).values()) == {None}
+
+
+def test_retrieval_recall_at_k_needs_more_than_k_candidates():
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((4, 3))
+    texts = np.concatenate([images, images]) + 0.1 * rng.standard_normal((8, 3))
+    got = m.retrieval_recall(images, texts, [0, 1, 2, 3] * 2, ks=(1, 3, 4, 6, 7))
+    # text→image: 4 images, so R@4 and up hold for any model; image→text: each image ranks
+    # against the 6 texts of the others, so R@7 holds for any model, R@6 does not.
+    assert [got[f"text_to_image_R@{k}"] is None for k in (1, 3, 4, 6, 7)] == [False, False, True, True, True]
+    assert [got[f"image_to_text_R@{k}"] is None for k in (1, 3, 4, 6, 7)] == [False, False, False, False, True]
+
+
+def test_zero_shot_top_k_needs_more_than_k_classes(no_warnings):
+    five = np.array([[0, 0, 0, 0, 1.0]])
+    assert m.zero_shot_accuracy(five, [0], n_classes=5)["top5"] is None  # was 1.0: the worst rank is 5th
+    one = m.zero_shot_accuracy(np.zeros((3, 1)), [0, 0, 0], n_classes=1)
+    assert one == {"top1": None, "top5": None, "mean_per_class_recall": None, "n": 3}  # was top-1 = 1.0
+    none = m.zero_shot_accuracy(np.zeros((0, 3)), [], n_classes=3)
+    assert none == {"top1": None, "top5": None, "mean_per_class_recall": None, "n": 0}
+
+
+def test_linear_probe_without_training_or_test_examples_is_not_scored(no_warnings):
+    x = np.eye(3)
+    empty = np.zeros((0, 3))
+    assert m.linear_probe(empty, [], x, [0, 1, 2], n_classes=3, shots=[1, None]) == {1: None, None: None}
+    assert m.linear_probe(x, [0, 1, 2], empty, [], n_classes=3, shots=[1, None]) == {1: None, None: None}
+
+
+def test_a_k_shot_row_with_a_short_class_is_not_reported_as_k_shot(no_warnings):
+    train_x, train_y = np.array([[-1.0], [-1.1], [-0.9], [1.0]]), np.array([0, 0, 0, 1])
+    test_x, test_y = np.array([[-2.0], [2.0]]), np.array([0, 1])
+    got = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=2, shots=[1, 2, None])
+    assert got == {1: 1.0, 2: None, None: 1.0}  # class 1 has one example: there is no 2-shot probe
+    assert m.short_classes(train_y, 2, 2) == {1: 1} and m.short_classes(train_y, 3, None) == {2: 0}
+    # a class asked for with no training example at all: no row is a probe of all classes
+    assert m.linear_probe(train_x, train_y, test_x, test_y, n_classes=3, shots=[1, None]) == {1: None, None: None}
+
+
+def test_answer_accuracy_of_nothing_is_none():
+    got = m.answer_accuracy([], {"*": {"yes": 3}})
+    assert got["accuracy"] is None and got["n"] == 0 and got["majority_baseline"] is None
