@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Verified weight checksums are cached per user; the tests (and their subprocesses) keep their own.
-os.environ.setdefault("MMCLI_CACHE_DIR", tempfile.mkdtemp(prefix="mmcli-test-cache-"))
+# Verified weight checksums are cached per user; the tests (and their subprocesses) keep their own,
+# removed when the session ends.
+if "MMCLI_CACHE_DIR" not in os.environ:
+    os.environ["MMCLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmcli-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMCLI_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -224,14 +224,15 @@ def linear_probe(
     ``shots`` the classifier sees :func:`sample_shots` (k per class, seeded; None = all) of
     the features standardised with the mean and std of all of ``train_x``, and is fitted by
     full-batch L-BFGS (``steps`` iterations) on cross-entropy + ``weight_decay``/2·‖W‖². Returns
-    {k: acc}; an accuracy is None (not fitted) without a test example, or when some of the
+    {k: acc}; an accuracy is None (not fitted) without a test example or a second class, or when some of the
     ``n_classes`` classes has fewer than ``k`` (for ``None``: fewer than 1) training examples, so
     that a row is never a k-shot figure that is not k-shot (see :func:`short_classes`).
     """
     x, tx = _float_matrix(train_x, "train_x"), _float_matrix(test_x, "test_x")
     y, ty = _labels(train_y, n_classes, "train_y"), _labels(test_y, n_classes, "test_y")
     results: dict[int | None, float | None] = {k: None for k in shots}
-    fitted = [k for k in shots if len(ty) and not short_classes(y, n_classes, k)]
+    # With one class any classifier is always right: no figure.
+    fitted = [k for k in shots if len(ty) and n_classes > 1 and not short_classes(y, n_classes, k)]
     if not fitted:
         return results
     # Statistics of all training features (no labels): a 1-shot sample's own spread would

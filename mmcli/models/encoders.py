@@ -18,6 +18,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from mmcli.errors import MmcliError
@@ -125,7 +126,7 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
             f"torch.load(weights_only=True) will not load ({_first_line(exc)}); use a .safetensors "
             "file, or convert this one where you trust it"
         ) from None
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise _weights_error(spec, exc) from None
     tokenizer = open_clip.get_tokenizer(arch)
     return DualEncoder(

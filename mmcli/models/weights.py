@@ -58,7 +58,10 @@ def verify_files(run_dir: Path, meta: dict[str, Any], names: tuple[str, ...]) ->
     (the ``checksum`` they always recorded). Checksums are cached by size and modification time
     (:func:`mmcli.io.cached_checksum`), so an unchanged file is hashed once."""
     run_dir = Path(run_dir)
-    expected = dict(meta.get("files") or {})
+    files = meta.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise MmcliError(f"{Path(run_dir) / MMCLI_META}: 'files' is not a map of file names to checksums")
+    expected = dict(files)
     if not expected and meta.get("checksum"):
         expected = {OPEN_CLIP_WEIGHTS: meta["checksum"]}
     for name in names:

@@ -225,7 +225,8 @@ class OutputSpec(Section):
 
     name: str = "run"
     """Run folder name: the run is written to ``<dir>/<name>/``. One plain path component: not
-    empty, no ``/`` or ``\\``, not starting with a dot (so never ``.`` or ``..``)."""
+    blank, no leading or trailing spaces, no ``/`` or ``\\``, not starting with a dot (so never
+    ``.`` or ``..``)."""
 
     overwrite: bool = False
     """Start over when the run folder already holds a run (otherwise it is an error; use
@@ -236,6 +237,8 @@ class OutputSpec(Section):
     @field_validator("name")
     @classmethod
     def _one_component(cls, name: str) -> str:
-        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-            raise ValueError(f"{name!r} is not a plain folder name (one path component, not starting with a dot)")
+        if not name.strip() or name != name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} is not a plain folder name (one path component, not blank, not starting with a dot)"
+            )
         return name

@@ -93,9 +93,10 @@ class TrainResult:
     skipped: int = 0
 
 
-class StopWaiting(Exception):
+class StopWaiting(BaseException):
     """Raised by the first signal while the loop waits for data: no step has begun, so the run
-    can be saved at once instead of after a batch that may never come."""
+    can be saved at once instead of after a batch that may never come. A ``BaseException``, like
+    ``KeyboardInterrupt``, so that a decoder's ``except Exception`` cannot take it for a bad image."""
 
 
 class StopFlag:
@@ -326,7 +327,8 @@ class _Loop:
                     micro = self.fetch(batches, flag)
                 except StopWaiting:
                     state.epoch, state.batch_in_epoch = position  # the next run reads these batches again
-                    self.save(state, flag)
+                    if state.step > 0:  # before the first step there is nothing to save
+                        self.save(state, flag)
                     interrupted = True
                     break
                 sums = self.step(micro, state.step + 1)

@@ -9,6 +9,7 @@ run folder is ever replaced.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -49,7 +50,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is written, a run folder that ``--resume``/``overwrite`` cannot use."""
+    """Refuse, before anything is written, a run folder that ``--resume``/``overwrite`` cannot use
+    (after finishing a replacement that a killed process left half done, see :func:`recover`)."""
+    recover(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MmcliError(f"{run_dir}: exists and is not a folder; choose another output.name")
     if resume:
@@ -67,33 +70,73 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def _set_aside(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.parent.glob(f".{glob.escape(run_dir.name)}.replaced-*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(run_dir: Path) -> None:
+    """Finish what a process killed while replacing ``run_dir`` left: its new run is kept if it
+    saved a checkpoint (the old one, set aside, is removed), else the old run is put back."""
+    for aside in _set_aside(run_dir):
+        pid = aside.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            raise MmcliError(f"{run_dir}: process {pid} is replacing this run right now")
+        if has_checkpoint(run_dir):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _put_back(run_dir, aside)
+
+
+def _put_back(run_dir: Path, aside: Path | None) -> None:
+    """Remove a new run that saved nothing and move the run it replaced back in its place."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.exists():  # a file we may not delete (an NFS handle, an immutable file): move it all
+        os.replace(run_dir, run_dir.with_name(f".{run_dir.name}.failed-{os.getpid()}"))
+    if aside is not None:
+        os.replace(aside, run_dir)
+
+
 @contextmanager
 def run_folder(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> Iterator[Path]:
     """The run folder for the block: created, resumed, or replaced (see the module docstring).
 
-    On an exception in the block, a run that saved no checkpoint is removed and the run it
-    replaced, if any, is put back; a run that saved one stays, resumable. Only the main rank
-    checks and changes the folder (the others would see its first files as someone else's)."""
+    When the block ends (normally, by an exception or by a signal) without the new run having
+    saved a checkpoint, the new folder is removed and the run it replaced, if any, is put back; a
+    run that saved one stays, resumable, and the old one is removed. Only the main rank checks
+    and changes the folder (the others would see its first files as someone else's). A process
+    killed meanwhile leaves the old run set aside; the next command on the folder finishes the
+    job (:func:`recover`)."""
     run_dir = Path(run_dir)
-    existed = run_dir.is_dir()
     aside = None
     if is_main:
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        if existed:
+        if run_dir.is_dir():
             remove_stale_temporaries(run_dir)
-        if not resume and existed and any(run_dir.iterdir()):
+        if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
             aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
             os.replace(run_dir, aside)
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield run_dir
-    except BaseException:
-        if is_main and not resume and not has_checkpoint(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if aside is not None:
-                os.replace(aside, run_dir)
-                aside = None
-        raise
     finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        if is_main and not resume:
+            if not has_checkpoint(run_dir):
+                try:
+                    _put_back(run_dir, aside)
+                except OSError as exc:
+                    raise MmcliError(
+                        f"{run_dir}: could not put the previous run back ({exc}); it is kept in {aside}"
+                    ) from None
+            elif aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)

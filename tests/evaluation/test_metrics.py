@@ -231,6 +231,11 @@ def test_linear_probe_without_training_or_test_examples_is_not_scored(no_warning
     assert m.linear_probe(x, [0, 1, 2], empty, [], n_classes=3, shots=[1, None]) == {1: None, None: None}
 
 
+def test_a_probe_of_one_class_is_not_scored(no_warnings):
+    x = np.array([[0.0], [1.0]])
+    assert m.linear_probe(x, [0, 0], x, [0, 0], n_classes=1, shots=[1, None]) == {1: None, None: None}
+
+
 def test_a_k_shot_row_with_a_short_class_is_not_reported_as_k_shot(no_warnings):
     train_x, train_y = np.array([[-1.0], [-1.1], [-0.9], [1.0]]), np.array([0, 0, 0, 1])
     test_x, test_y = np.array([[-2.0], [2.0]]), np.array([0, 1])

@@ -76,7 +76,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_is_saved(old_run):
 
 
 # -- 2. the run folder is never the output parent or the working directory ------------------------
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", ".hidden"])
+@pytest.mark.parametrize("name", ["", " ", "run ", ".", "..", "a/b", "../x", ".hidden"])
 def test_run_names_are_one_plain_folder_name(tmp_path, shapes_dir, name):
     from mmcli.spec import PretrainSpec, load_spec
 
@@ -298,6 +298,30 @@ def test_checksums_are_hashed_once_until_the_file_changes(tmp_path, monkeypatch)
     assert io.cached_checksum(path) == real(path) != first and len(hashed) == 2
 
 
+def test_a_truncated_pretrained_file_is_one_line_and_exit_2(tmp_path):
+    from tests.conftest import save_random_run
+
+    run = save_random_run(tmp_path / "run")
+    weights = tmp_path / "trunc.safetensors"
+    weights.write_bytes((run / "open_clip_model.safetensors").read_bytes()[:3000])
+    (tmp_path / "q.txt").write_text("a red circle\n")
+    result = _cli(
+        "embed", str(tmp_path / "q.txt"), "--model", f"mmcli-nano:{weights}", "--out", str(tmp_path / "e.npy")
+    )
+    _assert_one_line_exit_2(result, str(weights), "deserializing")
+
+
+def test_a_malformed_file_list_in_mmcli_json_is_one_line(tmp_path):
+    from tests.conftest import save_random_run
+
+    run = save_random_run(tmp_path / "run")
+    meta = json.loads((run / "mmcli.json").read_text())
+    (run / "mmcli.json").write_text(json.dumps({**meta, "files": [1, 2]}))
+    (tmp_path / "q.txt").write_text("a red circle\n")
+    result = _cli("embed", str(tmp_path / "q.txt"), "--model", str(run), "--out", str(tmp_path / "e.npy"))
+    _assert_one_line_exit_2(result, "'files'")
+
+
 def test_invalid_mmcli_json_and_a_missing_run_folder_are_one_line(tmp_path):
     from tests.conftest import save_random_run
 
@@ -368,9 +392,12 @@ def test_the_first_sigterm_stops_a_run_waiting_for_data(tmp_path, shapes_dir, mo
     real = _real_batches(shapes_dir, tmp_path)
 
     def stall(n):
-        if n == 2:  # the third batch never comes
+        if n == 2:  # the third batch never comes: a decoder that hangs
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(60)
+            try:
+                time.sleep(60)
+            except Exception:  # a decoder's broad except (a bad image) must not swallow the stop
+                pass
 
     monkeypatch.setattr(batches, "make_loader", lambda *a, **k: _Batches(real, stall) if k["train"] else _Batches(real))
     t0 = time.perf_counter()
@@ -378,6 +405,45 @@ def test_the_first_sigterm_stops_a_run_waiting_for_data(tmp_path, shapes_dir, mo
     assert time.perf_counter() - t0 < 50 and result["interrupted"] and result["steps"] == 2
     state = torch.load(Path(result["run_dir"]) / "train_state.pt", weights_only=True)
     assert state["progress"]["step"] == 2 and state["progress"]["batch_in_epoch"] == 2  # resumes at batch 3
+
+
+def test_a_signal_before_the_first_step_keeps_the_old_run(old_run, shapes_dir, tmp_path, monkeypatch):
+    from mmcli.data import batches
+
+    spec, run_dir = old_run
+    before = _digests(run_dir)
+    real = _real_batches(shapes_dir, tmp_path)
+
+    def stall(n):
+        if n == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+
+    monkeypatch.setattr(batches, "make_loader", lambda *a, **k: _Batches(real, stall) if k["train"] else _Batches(real))
+    result = _pretrain(spec)
+    assert result["interrupted"] and result["steps"] == 0
+    assert _digests(run_dir) == before and [p.name for p in run_dir.parent.iterdir()] == ["keep"]
+
+
+def test_a_replacement_cut_short_by_a_kill_is_finished_by_the_next_command(old_run):
+    from mmcli.training.runs import check_run_dir
+
+    spec, run_dir = old_run
+    before = _digests(run_dir)
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no such process
+    aside = run_dir.with_name(f".keep.replaced-{dead}")
+    # killed before the new run's first checkpoint: a partial new run, the old one set aside
+    run_dir.rename(aside)
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text("model: {}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n')
+    check_run_dir(run_dir, resume=False, overwrite=True)
+    assert _digests(run_dir) == before and not aside.exists()
+    # killed after it: the new run is kept and the old one removed
+    aside.mkdir()
+    (aside / "mmcli.json").write_text("{}")
+    check_run_dir(run_dir, resume=True, overwrite=False)
+    assert not aside.exists() and _digests(run_dir) == before
 
 
 def test_skipped_samples_are_counted_in_metrics_and_summary(tmp_path, shapes_dir, monkeypatch):
