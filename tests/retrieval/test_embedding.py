@@ -115,8 +115,21 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes_to_the_same_index(c
     whole = str(tmp_path / "whole.npy")
     embed(str(corpus), whole, model=str(nano_run), batch_size=3, workers=0, progress=False)
     out = str(tmp_path / "emb.npy")
-    calls = {"n": 0}
-    original = ix.IndexWriter.add
+    _embed_interrupted_at_the_second_batch(corpus, out, nano_run, monkeypatch)
+    assert not ix.index_exists(out)
+    with pytest.raises(MmcliError, match="incomplete"):
+        ix.open_index(out)
+    result = embed(str(corpus), out, progress=False, batch_size=3, workers=0)  # the model comes from the partial run
+    assert result["resumed_from"] == 3  # the first batch of three sorted files
+    before, after = rows_by_item(whole), rows_by_item(out)
+    assert sorted(before) == sorted(after)
+    for item in before:
+        np.testing.assert_allclose(after[item], before[item], atol=1e-6)
+
+
+def _embed_interrupted_at_the_second_batch(corpus, out: str, nano_run, monkeypatch) -> None:
+    """An embed of ``corpus`` (batches of 3) stopped by Ctrl-C as its second batch is written."""
+    original, calls = ix.IndexWriter.add, {"n": 0}
 
     def add_then_stop(self, rows, items):
         calls["n"] += 1
@@ -128,15 +141,6 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes_to_the_same_index(c
     with pytest.raises(KeyboardInterrupt):
         embed(str(corpus), out, model=str(nano_run), batch_size=3, workers=0, progress=False)
     monkeypatch.setattr(ix.IndexWriter, "add", original)
-    assert not ix.index_exists(out)
-    with pytest.raises(MmcliError, match="incomplete"):
-        ix.open_index(out)
-    result = embed(str(corpus), out, progress=False, batch_size=3, workers=0)  # the model comes from the partial run
-    assert result["resumed_from"] == 3  # the first batch of three sorted files
-    before, after = rows_by_item(whole), rows_by_item(out)
-    assert sorted(before) == sorted(after)
-    for item in before:
-        np.testing.assert_allclose(after[item], before[item], atol=1e-6)
 
 
 def test_complete_index_needs_overwrite(corpus, nano_run, tmp_path):
@@ -150,18 +154,7 @@ def test_complete_index_needs_overwrite(corpus, nano_run, tmp_path):
 
 def test_a_rerun_of_another_job_is_refused_and_the_same_job_still_resumes(corpus, nano_run, tmp_path, monkeypatch):
     out = str(tmp_path / "emb.npy")
-    original, calls = ix.IndexWriter.add, {"n": 0}
-
-    def add_then_stop(self, rows, items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        original(self, rows, items)
-
-    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        embed(str(corpus), out, model=str(nano_run), batch_size=3, workers=0, progress=False)
-    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    _embed_interrupted_at_the_second_batch(corpus, out, nano_run, monkeypatch)
     partial = open(out + ".partial", "rb").read()
     for path, options, field in [
         (corpus / "sub", {}, f"input: {corpus.resolve()} there, {(corpus / 'sub').resolve()} now"),
