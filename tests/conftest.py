@@ -38,8 +38,9 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
-def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0) -> Path:
-    """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save)."""
+def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0, modules: dict | None = None) -> Path:
+    """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save),
+    with the extra ``modules`` given (see :mod:`mmcli.models.multimodal`)."""
     import torch
 
     from mmcli.models import weights as ckpt
@@ -50,8 +51,15 @@ def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     encoder = build_dual_encoder(ModelSpec(arch=arch))
     ckpt.save_open_clip_config(out, encoder.model_config, encoder.preprocess_config)
-    ckpt.save_weights(out, MultimodalModel(encoder.model), {"arch": arch, "modules": {}})
+    model = MultimodalModel(encoder.model, modules)
+    ckpt.save_weights(out, model, {"arch": arch, "modules": model.modules_config})
     return out
+
+
+@pytest.fixture(scope="session")
+def coca_run(tmp_path_factory) -> Path:
+    """A run folder with a random ``mmcli-nano-coca`` captioner (32 px, 24 text tokens)."""
+    return save_random_run(tmp_path_factory.mktemp("coca-run"), "mmcli-nano-coca", modules={"caption": {"image": True}})
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,11 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
         check_run_dir(run_dir, resume=resume, overwrite=spec.output.overwrite)
     seed_everything(spec.train.seed)
     base = load_model(spec.base, device=world.device)
+    if base.model.captioner:
+        raise MmcliError(
+            f"base: {spec.base} is a CoCa captioning run; fusion reads a CLIP text tower (train the base "
+            "with a plain architecture such as mmcli-tiny)"
+        )
     examples = _examples(spec, spec.data.train)
     labels = answer_vocabulary(examples) if spec.task == "vqa" else ITM_LABELS
     modules = fuse_modules(base.model, spec.base, spec, labels)

@@ -128,6 +128,8 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
         ) from None
     except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise _weights_error(spec, exc) from None
+    if pretrained is None:
+        init_caption_decoder(model)
     tokenizer = open_clip.get_tokenizer(arch)
     return DualEncoder(
         model=model,
@@ -137,6 +139,16 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
         model_config=open_clip.get_model_config(arch) or {},
         preprocess_config=dict(model.visual.preprocess_cfg),
     )
+
+
+def init_caption_decoder(model: nn.Module) -> None:
+    """Initialise a fresh CoCa decoder's vocabulary projection, which open_clip leaves as
+    ``torch.empty`` (whatever the memory held): normal with std width^-0.5, as CLIP's text
+    projection. Other models are left alone."""
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and getattr(decoder, "text_projection", None) is not None:
+        with torch.no_grad():
+            nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
 
 
 def _weights_error(spec: ModelSpec, exc: Exception) -> MmcliError:

@@ -7,6 +7,10 @@ one entry per module with the constructor's arguments, so a run folder rebuilds 
     {"mask_token": {"id": 49408},
      "fusion": {"strategy": "cross_attention", "dim": 128, "depth": 2, ...},
      "mlm_head": {"width": 128, "vocab_size": 49409}, "itm_head": {"dim": 128}, ...}
+
+A CoCa model (:mod:`mmcli.models.captioning`) carries its caption decoder inside the open_clip
+model; its ``"caption"`` entry says only whether the decoder reads the image (``{"image": true}``)
+or is a language-model baseline (``false``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli.models.captioning import blind_image_tokens, is_captioner
 from mmcli.models.constants import MAX_LOGIT_SCALE, OPEN_CLIP_PAD_ID, OPEN_CLIP_VOCAB_SIZE
 from mmcli.models.fusion import build_fusion
 from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MIMHead, MLMHead
 from mmcli.models.text import add_mask_token, text_token_states
 from mmcli.spec.choices import FUSION_OBJECTIVES
 
-MODULE_ORDER = ("mask_token", "fusion", "mlm_head", "mmlm_proj", "itm_head", "mim_head", "vqa_head")
+MODULE_ORDER = ("mask_token", "fusion", "mlm_head", "mmlm_proj", "itm_head", "mim_head", "vqa_head", "caption")
 """Every module a config may hold, in build order ([MASK] first: heads tie to the grown embedding)."""
 
 
@@ -43,6 +48,8 @@ class MultimodalModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown extra modules {sorted(unknown)}")
         self.mask_token_id: int | None = None
+        self.captioner = is_captioner(clip)
+        self.caption_blind = False
         for name in MODULE_ORDER:
             if name in self.modules_config:
                 _BUILDERS[name](self, self.modules_config[name])
@@ -89,8 +96,18 @@ class MultimodalModel(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """``image_features`` and ``text_features`` (L2-normalised), ``logit_scale`` (1/τ, ≤ 100),
-        and ``image_tokens`` [B, N, width] when the fusion module reads them."""
+        ``image_tokens`` [B, N, width] when the fusion module reads them, and for a CoCa model
+        what its decoder reads: ``caption_image_tokens`` (zeros for a language-model baseline) and
+        ``caption_text_states`` (the text tower's causal token states)."""
         out = {}
+        if self.captioner:  # CoCa's towers return their token sequences beside the pooled vectors
+            pooled, image_tokens = self.clip.visual(images)
+            text_pooled, out["caption_text_states"] = self.clip.text(texts)
+            out["caption_image_tokens"] = blind_image_tokens(image_tokens) if self.caption_blind else image_tokens
+            out["image_features"] = F.normalize(pooled, dim=-1)
+            out["text_features"] = F.normalize(text_pooled, dim=-1)
+            out["logit_scale"] = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+            return out
         if self.needs_image_tokens:
             pooled, out["image_tokens"] = self.encode_image_tokens(images)
         else:
@@ -195,6 +212,12 @@ def _vqa_head(model: MultimodalModel, cfg: dict) -> None:
     model.vqa_head = ClassifierHead(cfg["dim"], len(cfg["answers"]), cfg["hidden"], cfg["dropout"])
 
 
+def _caption(model: MultimodalModel, cfg: dict) -> None:
+    if not model.captioner:
+        raise ValueError("a caption entry needs a CoCa model (an open_clip model with a text decoder)")
+    model.caption_blind = not cfg["image"]
+
+
 _BUILDERS = {
     "mask_token": _mask_token,
     "fusion": _fusion,
@@ -203,6 +226,7 @@ _BUILDERS = {
     "itm_head": _itm_head,
     "mim_head": _mim_head,
     "vqa_head": _vqa_head,
+    "caption": _caption,
 }
 
 
@@ -298,6 +322,15 @@ def pretrain_modules(clip: nn.Module, objectives: dict[str, Any], fusion) -> dic
 
     Only modules some objective uses are created, so no parameter sits idle in a step."""
     modules: dict[str, Any] = {}
+    if "caption" in objectives:
+        if not is_captioner(clip):
+            from mmcli.errors import MmcliError
+
+            raise MmcliError(
+                "objectives.caption: model.arch has no caption decoder; use a CoCa architecture "
+                "(mmcli-nano-coca, mmcli-tiny-coca, mmcli-small-coca, or an open_clip coca_* model)"
+            )
+        modules["caption"] = {"image": objectives["caption"].image}
     if "mlm" in objectives or "mmlm" in objectives:
         modules.update(mask_token_config(clip))
     if not set(FUSION_OBJECTIVES) & set(objectives):

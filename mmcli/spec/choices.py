@@ -27,7 +27,7 @@ GRAPH_LAYERS = ("gcn", "gat")
 REGION_SOURCES = ("given", "salient", "grid")
 """Where the graph's image regions come from."""
 
-OBJECTIVES = ("clip", "mlm", "mmlm", "itm", "mim")
+OBJECTIVES = ("clip", "mlm", "mmlm", "itm", "mim", "caption")
 """Pretraining objectives (:data:`mmcli.training.objectives.OBJECTIVES`), in the order they run."""
 
 FUSION_OBJECTIVES = ("mmlm", "itm", "mim")
@@ -36,10 +36,17 @@ FUSION_OBJECTIVES = ("mmlm", "itm", "mim")
 TOKEN_OBJECTIVES = ("mmlm", "mim")
 """Objectives that need the fusion's token sequence."""
 
+CAPTION_PARTNERS = ("clip",)
+"""Objectives ``caption`` combines with (a CoCa text tower feeds neither the MLM head nor a fusion
+encoder)."""
+
+DECODINGS = ("greedy", "beam", "top-p")
+"""How ``mmcli caption`` picks each next token."""
+
 FUSE_TASKS = ("vqa", "itm")
 """Downstream tasks of ``mmcli fuse``."""
 
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment")
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment", "captioning")
 """Sections of an eval spec, in the order they run (:data:`mmcli.evaluation.EVAL_TASKS`)."""
 
 MIM_LOSSES = ("cosine", "mse")

@@ -8,7 +8,15 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
-from mmcli.spec.choices import FUSION_OBJECTIVES, MIM_LOSSES, OBJECTIVES, TOKEN_OBJECTIVES, check_registry, literal
+from mmcli.spec.choices import (
+    CAPTION_PARTNERS,
+    FUSION_OBJECTIVES,
+    MIM_LOSSES,
+    OBJECTIVES,
+    TOKEN_OBJECTIVES,
+    check_registry,
+    literal,
+)
 from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec
 from mmcli.spec.fusion import FusionSpec
 
@@ -104,6 +112,24 @@ class MimObjectiveSpec(Section):
     layer-normalised features."""
 
 
+class CaptionObjectiveSpec(Section):
+    """Captioning as CoCa trains it: a text decoder reads the caption's text-tower states with
+    causal self-attention and the image's attention-pooled tokens with cross-attention, and
+    predicts each next token (cross-entropy; padding is never a label). Needs a CoCa
+    architecture (``mmcli-tiny-coca``, …, or an open_clip ``coca_*`` model); combines with
+    ``clip`` only."""
+
+    weight: float = Field(1.0, ge=0)
+    """Multiplier of this loss in the total (CoCa weighs it 2 against the contrastive loss's 1)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy (0: none)."""
+
+    image: bool = True
+    """``false`` trains a language-model baseline: the decoder reads zeros instead of the image
+    (and decodes that way later), so it learns what captions look like, never what a picture shows."""
+
+
 class Objectives(Section):
     """Named, weighted training objectives; the total loss is the weighted sum of those given."""
 
@@ -121,6 +147,9 @@ class Objectives(Section):
 
     mim: MimObjectiveSpec | None = None
     """Masked image modelling through the fusion encoder."""
+
+    caption: CaptionObjectiveSpec | None = None
+    """Captioning through a CoCa text decoder."""
 
     @model_validator(mode="after")
     def _at_least_one(self) -> Objectives:
@@ -171,6 +200,13 @@ class PretrainSpec(Section):
         if self.fusion is not None and self.fusion.graph_spec() is not None:
             # Pretraining batches carry no boxes or concept spans for the graph to read.
             raise ValueError("fusion.graph: region–concept graph reasoning is trained by mmcli fuse, not pretrain")
+        if "caption" in enabled:
+            others = sorted(set(enabled) - {"caption", *CAPTION_PARTNERS})
+            if others:
+                raise ValueError(
+                    f"objectives.caption: combines with {', '.join(CAPTION_PARTNERS)} only, not {', '.join(others)} "
+                    "(a CoCa text tower feeds neither the MLM head nor a fusion encoder)"
+                )
         tokens = [name for name in TOKEN_OBJECTIVES if name in enabled]
         if tokens and not self.fusion.has_tokens():
             raise ValueError(

@@ -6,7 +6,7 @@ these names); :class:`~mmcli.training.tasks.Pretrainer` runs the enabled ones an
 them with their weights. The losses themselves are in :mod:`mmcli.training.losses`. The
 objectives: CLIP's contrastive loss, BERT's MLM on the text tower, ALBEF's image-conditioned MLM
 and image–text matching with hard negatives, and masked image modelling through the fusion
-encoder.
+encoder, and CoCa's captioning loss.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from mmcli.data.masking import IGNORE_INDEX, blank_patches, mask_tokens, random_patch_mask
 from mmcli.distributed import World, gather_no_grad, gather_with_grad
+from mmcli.models.captioning import caption_loss
 from mmcli.models.constants import SPECIAL_IDS
 from mmcli.spec import choices
 from mmcli.training.losses import contrastive_loss, masked_lm_loss, mim_loss
@@ -136,6 +137,18 @@ def mim_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world
     return mim_loss(predicted, target[mask], spec.loss)
 
 
+def caption_objective(model: nn.Module, outputs: dict, batch: dict, spec: Any, world: World) -> torch.Tensor:
+    """CoCa's captioning loss: next-token cross-entropy of each caption given its image, through
+    the text decoder (teacher forcing, padding ignored)."""
+    return caption_loss(
+        model.clip.text_decoder,
+        outputs["caption_image_tokens"],
+        outputs["caption_text_states"],
+        batch["texts"],
+        label_smoothing=spec.label_smoothing,
+    )
+
+
 Objective = Callable[[nn.Module, dict, dict, Any, World], torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {
     "clip": clip_objective,
@@ -143,6 +156,7 @@ OBJECTIVES: dict[str, Objective] = {
     "mmlm": mmlm_objective,
     "itm": itm_objective,
     "mim": mim_objective,
+    "caption": caption_objective,
 }
 
 choices.check_registry("objectives", OBJECTIVES, choices.OBJECTIVES)

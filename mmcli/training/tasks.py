@@ -61,8 +61,9 @@ class Pretrainer(TrainingTask):
         self.model = model
         self.specs = dict(objectives)
         self.world = world
-        # Without the contrastive loss a text-only objective leaves the image tower idle.
-        self.find_unused_parameters = "clip" not in self.specs
+        # Without the contrastive loss a text-only objective leaves the image tower idle; a CoCa
+        # model trained without its caption loss leaves its decoder idle.
+        self.find_unused_parameters = "clip" not in self.specs or (model.captioner and "caption" not in self.specs)
 
     def loss_weights(self) -> dict[str, float]:
         """Each objective's ``weight`` from the spec."""

@@ -251,3 +251,23 @@ def test_graph_reasoning_is_not_a_pretraining_strategy(tmp_path):
     )
     with pytest.raises(MmcliError, match="fusion.graph: region–concept graph reasoning is trained by mmcli fuse"):
         load_spec(path, PretrainSpec)
+
+
+def test_fuse_refuses_a_captioning_base(coca_run, shapes_dir, tmp_path):
+    from mmcli.commands.fuse import run
+    from mmcli.errors import MmcliError
+
+    spec = _write(
+        tmp_path / "fuse-coca.yaml",
+        {
+            "base": str(coca_run),
+            "task": "vqa",
+            "data": {"train": str(shapes_dir / "train.jsonl"), "batch_size": 8, "workers": 0},
+            "fusion": {"strategy": "early", "depth": 1, "heads": 2},
+            "train": {"steps": 1},
+            "output": {"dir": str(tmp_path / "runs"), "name": "vqa"},
+        },
+    )
+    with pytest.raises(MmcliError, match="is a CoCa captioning run; fusion reads a CLIP text tower"):
+        run(spec, [], device="cpu")
+    assert not (tmp_path / "runs" / "vqa").exists()
