@@ -183,6 +183,70 @@ def caption(objects: list[SceneObject]) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class ParsedCaption:
+    """What a caption of :func:`caption`'s grammar says: the ``(colour, shape)`` of each object in
+    caption order, and the relation it states of ``objects[0]`` to ``objects[1]`` (``None`` for one
+    object)."""
+
+    objects: tuple[tuple[str, str], ...]
+    relation: str | None
+
+
+def _read_object(words: list[str], at: int) -> tuple[str, str] | None:
+    """``a {colour} {shape}`` at ``words[at:at + 3]``, or ``None``."""
+    if words[at : at + 1] != ["a"] or len(words) < at + 3:
+        return None
+    color, shape = words[at + 1], words[at + 2]
+    return (color, shape) if color in COLORS and shape in SHAPES else None
+
+
+def _read_relation(words: list[str], at: int) -> str | None:
+    """The relation (one or more words) that starts at ``words[at]``, or ``None``."""
+    for predicate in RELATIONS:
+        wanted = predicate.split()
+        if words[at : at + len(wanted)] == wanted:
+            return predicate
+    return None
+
+
+def parse_caption(text: str) -> ParsedCaption | None:
+    """Read a caption of :func:`caption`'s grammar back into its objects and relation.
+
+    Accepted: ``a {colour} {shape}``, then optionally ``{relation} a {colour} {shape}``, then any
+    number of `` and a {colour} {shape}``, with words from :data:`COLORS`, :data:`SHAPES` and
+    :data:`RELATIONS`. Case, surrounding and repeated whitespace and one trailing period are
+    tolerated; anything else (an unknown word, a missing relation between the first two objects,
+    a relation anywhere else, an empty text) gives ``None``. Used to score generated captions
+    against the scenes they describe (:mod:`mmcli.evaluation.captioning_metrics`).
+    """
+    text = text.strip().lower()
+    if text.endswith("."):
+        text = text[:-1]
+    words = text.split()
+    first = _read_object(words, 0)
+    if first is None:
+        return None
+    if len(words) == 3:
+        return ParsedCaption((first,), None)
+    predicate = _read_relation(words, 3)
+    if predicate is None:
+        return None
+    at = 3 + len(predicate.split())
+    objects = [first]
+    while True:
+        found = _read_object(words, at)
+        if found is None:
+            return None
+        objects.append(found)
+        at += 3
+        if at == len(words):
+            return ParsedCaption(tuple(objects), predicate)
+        if words[at] != "and":
+            return None
+        at += 1
+
+
 def relations(objects: list[SceneObject]) -> list[dict[str, Any]]:
     """Every ordered pair ``(i, j)``, ``i != j``, with the relation of object i to object j."""
     return [

@@ -112,6 +112,27 @@ def _alignment(ctx: EvalContext, spec) -> dict[str, Any]:
     return _fused_metrics(raw)
 
 
+def _captioning(ctx: EvalContext, spec) -> dict[str, Any]:
+    from mmcli.evaluation.captioning import evaluate_captioning
+
+    predictions = Path(spec.predictions or ctx.output.with_name(ctx.output.stem + "-captions.jsonl"))
+    raw = evaluate_captioning(
+        ctx.loaded,
+        spec,
+        device=ctx.device,
+        batch_size=ctx.batch_size,
+        workers=ctx.embedder.workers,
+        predictions_path=predictions,
+        notes=ctx.notes,
+    )
+    sheet = ctx.output.with_name(ctx.output.stem + "-captions.png")
+    if raw["examples"]:
+        from mmcli.viz.captions import caption_sheet
+
+        caption_sheet(raw["examples"], sheet, title=f"captions of {ctx.loaded.ref}")
+    return flatten({k: v for k, v in raw.items() if k != "examples"})
+
+
 EVAL_TASKS: dict[str, EvalTask] = {
     "zero_shot": EvalTask("zeroshot_classification", _zero_shot),
     "retrieval": EvalTask("zeroshot_retrieval", _retrieval),
@@ -120,6 +141,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
     "itm": EvalTask("image_text_matching", _itm),
     "mlm": EvalTask("masked_language_modelling", _mlm),
     "alignment": EvalTask("region_concept_alignment", _alignment),
+    "captioning": EvalTask("captioning", _captioning),
 }
 """Every eval task by the name of its spec section, in the order they run."""
 

@@ -24,6 +24,7 @@ from mmcli.spec.common import ModelSpec, OutputSpec, SourceSpec, TrainSpec, chec
 from mmcli.spec.evaluate import (
     EVAL_TASKS,
     AlignmentEvalTaskSpec,
+    CaptioningTaskSpec,
     EvalSpec,
     FusionEvalTaskSpec,
     LabelledSourceSpec,
@@ -88,6 +89,7 @@ __all__ = [
     "LinearProbeTaskSpec",
     "MlmEvalTaskSpec",
     "RetrievalTaskSpec",
+    "CaptioningTaskSpec",
     "ZeroShotTaskSpec",
     # kinds
     "SPEC_KINDS",

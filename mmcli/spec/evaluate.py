@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
-from mmcli.spec.choices import EVAL_TASKS, REGION_SOURCES, check_registry, literal
+from mmcli.spec.choices import DECODINGS, EVAL_TASKS, REGION_SOURCES, check_registry, literal
 from mmcli.spec.common import FileSourceSpec, SourceSpec
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +68,45 @@ class RetrievalTaskSpec(SourceSpec):
 
     ks: list[int] = [1, 5, 10]
     """The K of recall@K."""
+
+    @model_validator(mode="after")
+    def _not_streamed(self):
+        return _map_style(self)
+
+
+class CaptioningTaskSpec(SourceSpec):
+    """Captioning of a CoCa run on image–caption data (several captions per image are several
+    references), read from a source as in pretraining: BLEU-1…4, ROUGE-L and CIDEr-D
+    (pycocoevalcap; METEOR and SPICE need Java and are left out), and on a shapes JSONL the scene
+    score that reads each caption with the dataset's grammar. Every caption goes to
+    ``predictions``."""
+
+    decoding: literal(DECODINGS) = "greedy"
+    """How each next token is picked (as ``mmcli caption --decoding``)."""
+
+    beams: int = Field(3, ge=1)
+    """Hypotheses per image for beam search."""
+
+    top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus size for top-p sampling."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (top-p)."""
+
+    max_tokens: int = Field(30, ge=1)
+    """At most this many tokens per caption."""
+
+    min_tokens: int = Field(0, ge=0)
+    """No end of caption before this many tokens."""
+
+    seed: int = 0
+    """Seed of top-p sampling (per image, so results do not depend on the batch size)."""
+
+    examples: int = Field(8, ge=0)
+    """Captions kept in the results (and drawn beside their images) as examples."""
+
+    predictions: str | None = None
+    """Where every caption is written (JSONL); default: beside the results, ``<output>-captions.jsonl``."""
 
     @model_validator(mode="after")
     def _not_streamed(self):
@@ -147,6 +186,9 @@ class EvalSpec(Section):
 
     alignment: AlignmentEvalTaskSpec | None = None
     """Region–concept alignment accuracy of a run with a graph fusion."""
+
+    captioning: CaptioningTaskSpec | None = None
+    """Caption metrics (BLEU, ROUGE-L, CIDEr-D; the scene score on shapes) of a CoCa run."""
 
     output: str = "eval.json"
     """The results file: a JSON list of ``{dataset, model, pretrained, task, metrics}`` records,

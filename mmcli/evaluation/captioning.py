@@ -1,0 +1,117 @@
+"""The ``captioning`` task of ``mmcli eval``: caption each image of an image–caption source with a
+CoCa run, score the captions against the references (BLEU-1…4, ROUGE-L, CIDEr-D), and on a
+shapes JSONL read each caption back with the dataset's grammar against the scene it describes
+(object precision/recall/F1, relation accuracy, exact scene).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from mmcli.data.sources import read_records
+from mmcli.errors import MmcliError
+from mmcli.evaluation.captioning_metrics import corpus_metrics, scene_scores
+from mmcli.io import atomic_write_text
+from mmcli.spec import SourceSpec
+
+
+def read_references(spec) -> tuple[list[str], dict[str, list[str]], dict[str, dict]]:
+    """``(image paths in first-seen order, references per image, scene per image)`` of a source;
+    an image listed on several lines has several references. Scenes are the records' own
+    ``objects``/``relations`` (a shapes JSONL), empty for other data."""
+    source = SourceSpec(
+        path=spec.path, format=spec.format, image_key=spec.image_key, text_key=spec.text_key, separator=spec.separator
+    )
+    references: dict[str, list[str]] = {}
+    scenes: dict[str, dict] = {}
+    for record in read_records(source):
+        references.setdefault(record.image, []).append(record.text)
+        meta = record.meta or {}
+        if isinstance(meta.get("objects"), list) and isinstance(meta.get("relations"), list):
+            scenes.setdefault(record.image, meta)
+    return list(references), references, scenes
+
+
+def item_seed(seed: int, key: str) -> int:
+    """A sampling seed for one item, from the run's ``seed`` and the item's key (stable across
+    processes, batch sizes and resumes; Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: int, workers: int, device):
+    """``({path: Caption}, [(path, reason)])``: the captions of the usable image files ``paths``
+    and the unusable ones, decoded as ``mmcli caption`` decodes (same transform, no draft)."""
+    import torch
+
+    from mmcli.models.captioning import CaptionDecoder
+    from mmcli.retrieval.embedding import ImageItems, Item, image_loader
+
+    decoder = CaptionDecoder.of(loaded.model)
+    dataset = ImageItems([Item(p, p) for p in paths], loaded.preprocess, draft=None)
+    captions, bad = {}, []
+    with torch.inference_mode():
+        for batch in image_loader(dataset, batch_size=batch_size, workers=workers):
+            bad += batch["bad"]
+            if batch["pixels"] is None:
+                continue
+            seeds = [item_seed(seed, key) for key in batch["keys"]]
+            found = decoder.decode(batch["pixels"].to(device), settings, seeds=seeds)
+            captions.update(zip(batch["keys"], found))
+    return captions, bad
+
+
+def evaluate_captioning(loaded, spec, *, device, batch_size: int, workers: int, predictions_path: Path, notes: list):
+    """The captioning metrics of ``loaded`` (a CoCa run) on the source of ``spec`` (a
+    :class:`~mmcli.spec.CaptioningTaskSpec`); every caption is written to ``predictions_path``."""
+    import json
+
+    from mmcli.models.captioning import DecodeSettings
+
+    if not getattr(loaded.model, "captioner", False):
+        raise MmcliError(
+            f"captioning: model {loaded.ref} has no caption decoder; train one with the caption objective "
+            "(a CoCa architecture such as mmcli-tiny-coca)"
+        )
+    try:
+        settings = DecodeSettings(
+            decoding=spec.decoding,
+            beams=spec.beams,
+            top_p=spec.top_p,
+            temperature=spec.temperature,
+            max_tokens=spec.max_tokens,
+            min_tokens=spec.min_tokens,
+        )
+    except ValueError as exc:
+        raise MmcliError(f"captioning: {exc}") from None
+    from mmcli.models.captioning import CaptionDecoder
+
+    limit = CaptionDecoder.of(loaded.model).max_tokens
+    if settings.max_tokens > limit:
+        raise MmcliError(f"captioning.max_tokens: {settings.max_tokens} is more than the model's text context allows")
+    paths, references, scenes = read_references(spec)
+    found, bad = caption_paths(
+        loaded, paths, settings, seed=spec.seed, batch_size=batch_size, workers=workers, device=device
+    )
+    decode = loaded.tokenizer.decode
+    predicted = {p: decode(list(c.tokens)).strip() for p, c in found.items()}
+    if bad:
+        notes.append(f"captioning: {len(bad)} unreadable images left out, e.g. {bad[0][0]} ({bad[0][1]})")
+    rows = [
+        {"image": p, "caption": predicted[p], "score": round(found[p].score, 4), "references": references[p]}
+        for p in paths
+        if p in predicted
+    ]
+    atomic_write_text(predictions_path, "".join(json.dumps(r) + "\n" for r in rows))
+    out: dict[str, Any] = corpus_metrics(predicted, {p: references[p] for p in predicted})
+    out["skipped"] = len(bad)
+    out["decoding"] = settings.decoding
+    if scenes:
+        missing = [p for p in predicted if p not in scenes]
+        if missing:
+            notes.append(f"captioning: {len(missing)} images have no scene record; the scene score leaves them out")
+        out["scene"] = scene_scores({p: c for p, c in predicted.items() if p in scenes}, scenes)
+    out["examples"] = rows[: spec.examples]
+    return out
