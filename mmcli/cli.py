@@ -19,7 +19,7 @@ from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
 app = typer.Typer(
     name="mmcli",
-    help="Multimodal (image + text) models from the command line: pretrain, embed, retrieve, fuse, eval.",
+    help="Multimodal (image + text) models from the command line: pretrain, embed, caption, retrieve, fuse, eval.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -185,6 +185,108 @@ def embed(
         )
         if result["is_main"]:
             emit(result, as_json, render_embed_summary)
+
+
+@app.command()
+def caption(
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="An image, a folder of images (searched recursively), a CSV/TSV/JSONL dataset file "
+            "or webdataset shards (dir, .tar or {00000..00009}.tar).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            help='The captions file (.jsonl): one {"item", "caption", "score"} a line; its sidecar is OUT.meta.json.',
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="A run folder trained with the caption objective (a CoCa architecture); "
+            "when resuming, the run the job started with.",
+            show_default=False,
+        ),
+    ] = None,
+    decoding: Annotated[
+        str,
+        typer.Option(
+            "--decoding",
+            help="greedy: the most likely token; beam: beam search (--beams); "
+            "top-p: nucleus sampling (--top-p, --temperature, --seed).",
+        ),
+    ] = "greedy",
+    beams: Annotated[int, typer.Option("--beams", help="Hypotheses kept per image by beam search.")] = 3,
+    top_p: Annotated[
+        float,
+        typer.Option("--top-p", help="Top-p samples from the most likely tokens whose probabilities sum to this."),
+    ] = 0.9,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Top-p divides the logits by this before sampling.")
+    ] = 1.0,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="At most this many tokens a caption (at most the model's context).")
+    ] = 30,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", help="At least this many tokens a caption.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Top-p seed; each image draws from (seed, its key): the same captions at any batch size."
+        ),
+    ] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader processes decoding images.")] = 2,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over (and replace a complete OUT) instead of resuming.")
+    ] = False,
+    no_draft: Annotated[
+        bool,
+        typer.Option(
+            "--no-draft", help="Decode JPEGs at full size (slower, resampling closer to the full-size pipeline)."
+        ),
+    ] = False,
+    image_key: Annotated[
+        str, typer.Option("--image-key", help="Image column/key of a dataset file.")
+    ] = DEFAULT_IMAGE_KEY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Caption images with a CoCa run: OUT (.jsonl, one {item, caption, score} a line) and OUT.meta.json.
+
+    Rows are written to OUT.partial as batches finish; OUT appears only when every image is done.
+    Re-running the same command resumes an interrupted run; bad images are skipped and listed in
+    the sidecar. Under torchrun every rank writes its own shard (OUT with .rank00000-of-00008
+    before .jsonl; its sidecar beside it): cat them in rank order to combine them.
+    """
+    with reported_errors():
+        from mmcli.commands.caption import run
+        from mmcli.commands.render import render_caption_summary
+
+        result = run(
+            path,
+            out,
+            model=model,
+            decoding=decoding,
+            beams=beams,
+            top_p=top_p,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            overwrite=overwrite,
+            draft=not no_draft,
+            image_key=image_key,
+            device=State.device,
+        )
+        if result["is_main"]:
+            emit(result, as_json, render_caption_summary)
 
 
 @app.command()

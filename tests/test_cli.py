@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-COMMANDS = [[], ["data"], ["data", "shapes"], ["pretrain"], ["embed"], ["retrieve"], ["fuse"], ["eval"]]
+COMMANDS = [[], ["data"], ["data", "shapes"], ["pretrain"], ["embed"], ["retrieve"], ["fuse"], ["caption"], ["eval"]]
 
 
 def _run(args, env=None, cwd=None):

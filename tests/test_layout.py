@@ -20,6 +20,7 @@ LAYERS = {
     "training": 3,
     "evaluation": 3,
     "retrieval": 3,
+    "inference": 3,
     "viz": 3,
     "models": 2,
     "data": 2,
@@ -36,12 +37,14 @@ ALLOWED_ACROSS = {
     ("__main__", "cli"),
     ("evaluation", "retrieval"),
     ("evaluation", "viz"),
+    ("inference", "retrieval"),
     ("models", "data"),
     ("io", "errors"),
 }
 """Imports between parts of the same rank, each allowed in one direction only: evaluation embeds
-with the retrieval stage's code and draws its confusion matrices with viz; model heads use the
-data stage's ignore index of masking."""
+with the retrieval stage's code and draws its confusion matrices with viz; inference (captions)
+reads its inputs with the retrieval stage's loaders and names its shards as an index's; model
+heads use the data stage's ignore index of masking."""
 
 MAX_TOP_LEVEL = 6
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -39,9 +38,9 @@ def run(
     """
     from mmcli.distributed import resolve_device
     from mmcli.models.loading import load_model
-    from mmcli.retrieval.embedding import resolve_inputs
+    from mmcli.retrieval.embedding import rank_and_world, resolve_inputs
 
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if not str(out).endswith(".npy"):
         raise MmcliError(f"--out {out}: the index file name must end with .npy")
     target = ix.shard_path(str(out), rank, world) if world > 1 else str(out)
@@ -119,49 +118,34 @@ def _describe(
     return meta, job
 
 
-def _rank_and_world() -> tuple[int, int]:
-    # Ranks need no process group: each embeds its own share and writes its own shard.
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _batches(
     inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool, device
 ) -> tuple[Iterator, int]:
     """This rank's batches of not-yet-embedded items and the number of items of this rank."""
-    from mmcli.data.sources import count_shard_samples
-    from mmcli.retrieval.embedding import (
-        ImageItems,
-        ShardImages,
-        draft_size,
-        encode_image_batches,
-        encode_text_batches,
-        image_loader,
-    )
+    from mmcli.retrieval.embedding import encode_image_batches, encode_text_batches, image_batches, rank_share
 
     done = set(state.items) | {s["item"] for s in state.skipped} if state else set()
-    size = draft_size(loaded.preprocess) if draft else None
-    if inputs.urls is not None:
-        if inputs.modality != "image":
-            raise MmcliError(
-                f"{inputs.root}: embedding the texts of webdataset shards is not supported; export them to a text file"
-            )
-        urls = inputs.urls[rank::world]
-        total = count_shard_samples(tuple(urls), ("jpg", "jpeg", "png", "webp")) if urls else 0
-        dataset = ShardImages(urls, loaded.preprocess, draft=size, done=done)
-        return encode_image_batches(
-            loaded.model, image_loader(dataset, batch_size=batch_size, workers=min(workers, len(urls))), device
-        ), total
-    share = math.ceil(len(inputs.items) / world)  # contiguous shares keep the input order across shards
-    mine = inputs.items[rank * share : (rank + 1) * share]
-    todo = [item for item in mine if item.key not in done]
+    if inputs.urls is not None and inputs.modality != "image":
+        raise MmcliError(
+            f"{inputs.root}: embedding the texts of webdataset shards is not supported; export them to a text file"
+        )
     if inputs.modality == "text":
+        mine = rank_share(inputs.items, rank, world)
+        todo = [item for item in mine if item.key not in done]
         return encode_text_batches(loaded.model, loaded.tokenizer, todo, batch_size=batch_size, device=device), len(
             mine
         )
-    dataset = ImageItems(todo, loaded.preprocess, draft=size)
-    return encode_image_batches(
-        loaded.model, image_loader(dataset, batch_size=batch_size, workers=workers), device
-    ), len(mine)
+    loader, total = image_batches(
+        inputs,
+        loaded.preprocess,
+        done=done,
+        rank=rank,
+        world=world,
+        batch_size=batch_size,
+        workers=workers,
+        draft=draft,
+    )
+    return encode_image_batches(loaded.model, loader, device), total
 
 
 def _write(writer: ix.IndexWriter, batches: Iterator, *, total: int, done: int, show: bool, unit: str) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -97,14 +98,13 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# embed, retrieve, eval
+# embed, caption, retrieve, eval
 # --------------------------------------------------------------------------------------------
 
 
 def embed_progress(unit: str, *, show: bool = True):
     """A rich progress bar on stderr with items/s (``unit``: image or text) and time left."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
 
     class RateColumn(ProgressColumn):
         """rich's running speed of the task, as "123 images/s"."""
@@ -136,15 +136,49 @@ def render_embed_summary(result: dict[str, Any]) -> None:
         rows.append(("resumed after", f"{result['resumed_from']} items"))
     rows += [("seconds", result["seconds"]), (f"{result['modality']}s/s", result["items_per_s"])]
     console.print(key_value_table("embed", rows))
-    if result["skipped"]:
-        table = Table(title="skipped (also listed in the sidecar)", title_justify="left")
-        table.add_column("item")
-        table.add_column("reason")
-        for entry in result["skipped"][:20]:
-            table.add_row(entry["item"], entry["reason"])
-        if len(result["skipped"]) > 20:
-            table.add_row(f"… {len(result['skipped']) - 20} more", "")
+    _print_skipped(result["skipped"])
+
+
+def _print_skipped(skipped: list[dict[str, str]], shown: int = 20) -> None:
+    """The first ``shown`` skipped items and why, when there are any."""
+    if not skipped:
+        return
+    table = Table(title="skipped (also listed in the sidecar)", title_justify="left")
+    table.add_column("item")
+    table.add_column("reason")
+    for entry in skipped[:shown]:
+        table.add_row(Text(entry["item"]), Text(entry["reason"]))
+    if len(skipped) > shown:
+        table.add_row(f"… {len(skipped) - shown} more", "")
+    console.print(table)
+
+
+def render_caption_summary(result: dict[str, Any]) -> None:
+    """What ``mmcli caption`` wrote: its first rows (item, caption, score), the file, its model and
+    decoding, counts, skipped images and speed."""
+    if result["first_rows"]:
+        table = Table(title=f"first captions of {result['out']}", title_justify="left")
+        table.add_column("item", overflow="fold")
+        table.add_column("caption", overflow="fold")
+        table.add_column("score", justify="right")
+        for row in result["first_rows"]:
+            # Text, not markup: a caption or a file name may hold "[…]".
+            table.add_row(Text(row["item"]), Text(row["caption"]), f"{row['score']:.3f}")
         console.print(table)
+    settings = ", ".join(f"{k} {v}" for k, v in result["decoding"].items() if k != "decoding")
+    rows = [
+        ("captions", result["out"]),
+        ("sidecar", result["sidecar"]),
+        ("model", f"{result['model']['ref']} ({result['model']['arch']})"),
+        ("decoding", f"{result['decoding']['decoding']} ({settings})"),
+        ("rows", result["count"]),
+        ("skipped", len(result["skipped"])),
+    ]
+    if result.get("resumed_from"):
+        rows.append(("resumed after", f"{result['resumed_from']} items"))
+    rows += [("seconds", result["seconds"]), ("images/s", result["items_per_s"])]
+    console.print(key_value_table("caption", rows))
+    _print_skipped(result["skipped"])
 
 
 def render_retrieve(result: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ shapes JSONL read each caption back with the dataset's grammar against the scene
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +33,17 @@ def read_references(spec) -> tuple[list[str], dict[str, list[str]], dict[str, di
     return list(references), references, scenes
 
 
-def item_seed(seed: int, key: str) -> int:
-    """A sampling seed for one item, from the run's ``seed`` and the item's key (stable across
-    processes, batch sizes and resumes; Python's ``hash`` is salted per process)."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: int, workers: int, device):
     """``({path: Caption}, [(path, reason)])``: the captions of the usable image files ``paths``
-    and the unusable ones, decoded as ``mmcli caption`` decodes (same transform, no draft)."""
+    and the unusable ones, decoded as ``mmcli caption`` decodes by default (the model's transform,
+    JPEGs in draft mode where that loses nothing)."""
     import torch
 
-    from mmcli.models.captioning import CaptionDecoder
-    from mmcli.retrieval.embedding import ImageItems, Item, image_loader
+    from mmcli.models.captioning import CaptionDecoder, item_seed
+    from mmcli.retrieval.embedding import ImageItems, Item, draft_size, image_loader
 
     decoder = CaptionDecoder.of(loaded.model)
-    dataset = ImageItems([Item(p, p) for p in paths], loaded.preprocess, draft=None)
+    dataset = ImageItems([Item(p, p) for p in paths], loaded.preprocess, draft=draft_size(loaded.preprocess))
     captions, bad = {}, []
     with torch.inference_mode():
         for batch in image_loader(dataset, batch_size=batch_size, workers=workers):

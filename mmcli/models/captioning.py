@@ -21,6 +21,7 @@ way; a model built with other attention blocks is refused with a clear error.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -120,6 +121,14 @@ class DecodeSettings:
             raise ValueError("need beams ≥ 1, max_tokens ≥ 1 and 0 ≤ min_tokens ≤ max_tokens")
         if not 0 < self.top_p <= 1 or not self.temperature > 0:
             raise ValueError("need 0 < top_p ≤ 1 and temperature > 0")
+
+
+def item_seed(seed: int, key: str) -> int:
+    """The top-p sampling seed of one item: from the run's ``seed`` and the item's key (SHA-256, so
+    the same in every process; Python's ``hash`` of a string is salted per process). An item is
+    drawn for the same way whatever batch, resume point or rank it is captioned in."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ each batch comes back as ``(keys, embeddings, bad)`` so that a caller can stream
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage, is_image_file, load_image
-from mmcli.data.sources import Record, read_records, source_format, webdataset_urls
+from mmcli.data.sources import Record, count_shard_samples, read_records, source_format, webdataset_urls
 from mmcli.errors import MmcliError
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY, IMAGE_SUFFIXES, TEXT_SUFFIXES, WEBDATASET_IMAGE_KEYS
 from mmcli.spec import SourceSpec
@@ -65,8 +66,8 @@ def input_format(path: str) -> str:
 
     try:
         spec = SourceSpec(path=path)
-    except ValidationError:  # a URL or pipe: a spec may opt in to; embed has no such option
-        raise MmcliError(f"{path}: mmcli embed reads local files, folders and shards only, not URLs or pipe:") from None
+    except ValidationError:  # a URL or pipe: a spec may opt in to; embed and caption have no such option
+        raise MmcliError(f"{path}: only local files, folders and shards are read, not URLs or pipe:") from None
     return source_format(spec)
 
 
@@ -255,6 +256,52 @@ def recorded_draft(meta: dict, preprocess: Callable, *, where: str) -> tuple[int
     if isinstance(draft, list) and len(draft) == 2 and all(type(v) is int and v > 0 for v in draft):
         return draft[0], draft[1]
     raise MmcliError(f"{where}: field 'decode' is {decode!r}; expected {{\"draft\": [width, height] or null}}")
+
+
+# --------------------------------------------------------------------------------------------
+# one rank's share
+# --------------------------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` of a torchrun launch, else ``(0, 1)``.
+
+    ``mmcli embed`` and ``mmcli caption`` need no process group: each rank handles its own share
+    of the input and writes its own shard."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_share(items: list[Item], rank: int, world: int) -> list[Item]:
+    """Rank ``rank``'s contiguous share of ``items`` (contiguous shares keep the input order across shards)."""
+    share = math.ceil(len(items) / world)
+    return items[rank * share : (rank + 1) * share]
+
+
+def image_batches(
+    inputs: Inputs,
+    preprocess: Callable,
+    *,
+    done: set[str],
+    rank: int,
+    world: int,
+    batch_size: int,
+    workers: int,
+    draft: bool,
+) -> tuple[Iterable[dict[str, Any]], int]:
+    """This rank's batches (see :func:`collate_items`, in input order) of the images of ``inputs``
+    whose keys are not in ``done``, and how many images this rank has, done ones included.
+
+    Webdataset shards are dealt to ranks one by one (every ``world``-th shard); listed items in
+    contiguous shares (:func:`rank_share`). ``draft`` decodes JPEGs at :func:`draft_size`."""
+    size = draft_size(preprocess) if draft else None
+    if inputs.urls is not None:
+        urls = inputs.urls[rank::world]
+        total = count_shard_samples(tuple(urls), WEBDATASET_IMAGE_KEYS) if urls else 0
+        dataset = ShardImages(urls, preprocess, draft=size, done=done)
+        return image_loader(dataset, batch_size=batch_size, workers=min(workers, len(urls))), total
+    mine = rank_share(inputs.items, rank, world)
+    dataset = ImageItems([item for item in mine if item.key not in done], preprocess, draft=size)
+    return image_loader(dataset, batch_size=batch_size, workers=workers), len(mine)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from PIL import Image
 
 from mmcli.commands.evaluate import run as evaluate
 from mmcli.errors import MmcliError
-from mmcli.evaluation.captioning import item_seed, read_references
+from mmcli.evaluation.captioning import read_references
 from mmcli.evaluation.captioning_metrics import corpus_metrics, scene_scores
-from mmcli.models.captioning import CaptionDecoder, DecodeSettings
+from mmcli.models.captioning import CaptionDecoder, DecodeSettings, item_seed
 from mmcli.models.loading import load_model
 from mmcli.spec import CaptioningTaskSpec
 

@@ -41,9 +41,20 @@ def shard_path(base: str, rank: int, world_size: int) -> str:
 
     ``shard_path("out/emb.npy", 1, 4)`` is ``out/emb.rank00001-of-00004.npy``.
     """
+    return shard_name(_check_npy_path(base), rank, world_size, suffix=".npy")
+
+
+def shard_name(base: str, rank: int, world_size: int, *, suffix: str) -> str:
+    """The file rank ``rank`` of ``world_size`` writes for the output ``base`` (ending in ``suffix``):
+    the rank tag goes before the suffix, as for an index's shards.
+
+    ``shard_name("out/captions.jsonl", 1, 4, suffix=".jsonl")`` is ``out/captions.rank00001-of-00004.jsonl``.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    return f"{_check_npy_path(base)[:-4]}.rank{rank:05d}-of-{world_size:05d}.npy"
+    if not base.endswith(suffix):
+        raise ValueError(f"{base} does not end with {suffix}")
+    return f"{base[: len(base) - len(suffix)]}.rank{rank:05d}-of-{world_size:05d}{suffix}"
 
 
 def lock_path(path: str) -> str:
