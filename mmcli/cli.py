@@ -237,7 +237,7 @@ def caption(
     seed: Annotated[
         int,
         typer.Option(
-            "--seed", help="Top-p seed; each image draws from (seed, its key): the same captions at any batch size."
+            "--seed", help="Top-p seed; each image draws from its own generator, seeded from (seed, its key)."
         ),
     ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,

@@ -33,6 +33,15 @@ def read_references(spec) -> tuple[list[str], dict[str, list[str]], dict[str, di
     return list(references), references, scenes
 
 
+def seed_keys(paths: list[str]) -> dict[str, str]:
+    """Each image's key for sampling seeds: its path relative to the folder holding every image,
+    as ``mmcli caption`` keys the images of a dataset file (so a moved dataset draws the same)."""
+    import os
+
+    root = os.path.commonpath([os.path.dirname(os.path.realpath(p)) for p in paths]) if paths else ""
+    return {p: os.path.relpath(os.path.realpath(p), root).replace(os.sep, "/") for p in paths}
+
+
 def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: int, workers: int, device):
     """``({path: Caption}, [(path, reason)])``: the captions of the usable image files ``paths``
     and the unusable ones, decoded as ``mmcli caption`` decodes by default (the model's transform,
@@ -43,6 +52,7 @@ def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: 
     from mmcli.retrieval.embedding import ImageItems, Item, draft_size, image_loader
 
     decoder = CaptionDecoder.of(loaded.model)
+    keys = seed_keys(paths)
     dataset = ImageItems([Item(p, p) for p in paths], loaded.preprocess, draft=draft_size(loaded.preprocess))
     captions, bad = {}, []
     with torch.inference_mode():
@@ -50,7 +60,7 @@ def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: 
             bad += batch["bad"]
             if batch["pixels"] is None:
                 continue
-            seeds = [item_seed(seed, key) for key in batch["keys"]]
+            seeds = [item_seed(seed, keys[path]) for path in batch["keys"]]
             found = decoder.decode(batch["pixels"].to(device), settings, seeds=seeds)
             captions.update(zip(batch["keys"], found))
     return captions, bad
@@ -61,13 +71,9 @@ def evaluate_captioning(loaded, spec, *, device, batch_size: int, workers: int, 
     :class:`~mmcli.spec.CaptioningTaskSpec`); every caption is written to ``predictions_path``."""
     import json
 
-    from mmcli.models.captioning import DecodeSettings
+    from mmcli.models.captioning import DecodeSettings, require_captioner
 
-    if not getattr(loaded.model, "captioner", False):
-        raise MmcliError(
-            f"captioning: model {loaded.ref} has no caption decoder; train one with the caption objective "
-            "(a CoCa architecture such as mmcli-tiny-coca)"
-        )
+    require_captioner(loaded, f"captioning: model {loaded.ref}")
     try:
         settings = DecodeSettings(
             decoding=spec.decoding,
@@ -98,13 +104,17 @@ def evaluate_captioning(loaded, spec, *, device, batch_size: int, workers: int, 
         if p in predicted
     ]
     atomic_write_text(predictions_path, "".join(json.dumps(r) + "\n" for r in rows))
-    out: dict[str, Any] = corpus_metrics(predicted, {p: references[p] for p in predicted})
+    try:
+        out: dict[str, Any] = corpus_metrics(predicted, {p: references[p] for p in predicted})
+    except ValueError as exc:  # a reference with no words
+        raise MmcliError(f"captioning: {spec.path}: {exc}") from None
     out["skipped"] = len(bad)
     out["decoding"] = settings.decoding
     if scenes:
         missing = [p for p in predicted if p not in scenes]
         if missing:
             notes.append(f"captioning: {len(missing)} images have no scene record; the scene score leaves them out")
-        out["scene"] = scene_scores({p: c for p, c in predicted.items() if p in scenes}, scenes)
+        scored = [p for p in predicted if p in scenes]  # unreadable images are not scored
+        out["scene"] = scene_scores({p: predicted[p] for p in scored}, {p: scenes[p] for p in scored})
     out["examples"] = rows[: spec.examples]
     return out

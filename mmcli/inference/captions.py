@@ -62,6 +62,19 @@ def output_path(out: str, rank: int = 0, world: int = 1) -> str:
     return shard_name(out, rank, world, suffix=SUFFIX) if world > 1 else out
 
 
+def other_layouts(out: str, target: str) -> list[str]:
+    """Complete outputs for ``out`` in the other layout than ``target``: the single file beside
+    torchrun shards, or the shards (of any world size but ``target``'s) beside a single file."""
+    import glob
+
+    stem = out[: len(out) - len(SUFFIX)]
+    shards = sorted(glob.glob(glob.escape(stem) + ".rank*-of-*" + SUFFIX))
+    if target == out:
+        return shards
+    world = target[len(stem) :].split("-of-")[1]
+    return [p for p in ([out] if os.path.exists(out) else []) + shards if not p.endswith("-of-" + world)]
+
+
 def sidecar_path(path: str) -> str:
     """The sidecar of the captions file ``path`` (``captions.jsonl.meta.json``)."""
     return path + ".meta.json"
@@ -299,8 +312,9 @@ class CaptionWriter:
         before, now = state.job, self.job
         for name in [*before, *(k for k in now if k not in before)]:
             if before.get(name) != now.get(name):
+                held = len(state.items) + len(state.skipped)
                 raise MmcliError(
-                    f"{partial_path(self.path)} holds {len(state.items)} rows of another job ({name}: "
+                    f"{partial_path(self.path)} holds {held} items of another job ({name}: "
                     f"{before.get(name)} there, {now.get(name)} now); rerun with --overwrite to discard them and "
                     "start over, or choose another --out"
                 )
@@ -377,6 +391,12 @@ class Captioning:
         try:
             if os.path.exists(self.target) and not overwrite:
                 raise MmcliError(f"{self.target} already exists; pass --overwrite to replace it")
+            self.others = other_layouts(os.fspath(out), self.target)
+            if self.others and not overwrite:  # a reader must never find both layouts
+                raise MmcliError(
+                    f"{self.others[0]} already holds captions for --out {out} in another layout; "
+                    "pass --overwrite to replace them"
+                )
             state = None if overwrite else resume_state(self.target)
             ref = model or (state.meta.get("model", {}).get("ref") if state else None)
             if ref is None:
@@ -393,16 +413,12 @@ class Captioning:
     def _load(self, ref: str, device: str):
         """Load the model and check that it can caption with the settings."""
         from mmcli.distributed import resolve_device
-        from mmcli.models.captioning import CaptionDecoder
+        from mmcli.models.captioning import CaptionDecoder, require_captioner
         from mmcli.models.loading import load_model
 
         self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         loaded = load_model(ref, device=self.device)
-        if not getattr(loaded.model, "captioner", False):
-            raise MmcliError(
-                f"--model {ref}: not a captioning model; give a run trained with the caption objective "
-                "(a CoCa architecture such as mmcli-tiny-coca)"
-            )
+        require_captioner(loaded, f"--model {ref}")
         try:
             self.decoder = CaptionDecoder.of(loaded.model)
         except ValueError as exc:
@@ -481,6 +497,8 @@ class Captioning:
         """Move the complete file into place; return the summary (``first_rows``: its first rows)."""
         seconds = time.perf_counter() - self.started
         self.writer.finish()
+        if self.rank == 0:  # --overwrite: the other layout goes once this one is complete
+            _unlink(*self.others, *(sidecar_path(p) for p in self.others))
         return {
             "out": self.target,
             "sidecar": sidecar_path(self.target),

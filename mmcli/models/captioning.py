@@ -29,8 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli.errors import MmcliError
 from mmcli.models.constants import OPEN_CLIP_EOT_ID, OPEN_CLIP_PAD_ID, OPEN_CLIP_SOT_ID
 from mmcli.spec.choices import DECODINGS
+
+END_IDS = (OPEN_CLIP_EOT_ID, OPEN_CLIP_PAD_ID)
+"""Tokens that end a caption: end-of-text, and the padding id (as open_clip's ``generate``, which
+stops a row at either; padding is never a training label, so it only ends)."""
+
+
+def require_captioner(loaded, what: str) -> None:
+    """Refuse a loaded model (:class:`~mmcli.models.loading.LoadedModel`) that cannot caption: no
+    decoder, or a run folder whose CoCa decoder was never trained (no caption objective)."""
+    if not getattr(loaded.model, "captioner", False):
+        raise MmcliError(
+            f"{what} has no caption decoder; give a run trained with the caption objective "
+            "(a CoCa architecture such as mmcli-tiny-coca)"
+        )
+    if loaded.meta and "caption" not in loaded.meta.get("modules", {}):
+        raise MmcliError(
+            f"{what} is a CoCa run trained without the caption objective: its decoder never learned to caption"
+        )
 
 
 def is_captioner(clip: nn.Module) -> bool:
@@ -148,14 +167,15 @@ class _Attention:
             raise ValueError("cached decoding needs open_clip's standard attention blocks (nn.MultiheadAttention)")
         self.attn = attn
         self.heads = attn.num_heads
-        self.weights = attn.in_proj_weight.chunk(3)
-        self.biases = attn.in_proj_bias.chunk(3)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, W] -> [B, H, T, W/H]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def project(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        return self.split(F.linear(x, self.weights[which], self.biases[which]))
+        # sliced at each call, not once: moving or casting the model replaces the parameters' data
+        width = self.attn.embed_dim
+        rows = slice(which * width, (which + 1) * width)
+        return self.split(F.linear(x, self.attn.in_proj_weight[rows], self.attn.in_proj_bias[rows]))
 
     def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v)  # no mask: the cache holds the past only
@@ -272,6 +292,8 @@ class CaptionDecoder:
             raise ValueError(
                 f"max_tokens {settings.max_tokens} is longer than the model's text context allows ({self.max_tokens})"
             )
+        if images.shape[0] == 0:
+            return []
         tokens = self.image_tokens(images)
         if settings.decoding == "beam":
             return self._beam(tokens, settings)
@@ -282,7 +304,7 @@ class CaptionDecoder:
         state = self._start(image_tokens, settings.max_tokens + 1)
         generators = None
         if settings.decoding == "top-p":
-            generators = [torch.Generator().manual_seed(s) for s in (seeds or [0] * b)]
+            generators = [torch.Generator().manual_seed(s) for s in (seeds or range(b))]
         rows = torch.arange(b, device=device)  # which image each live batch row belongs to
         tokens = torch.full((b,), OPEN_CLIP_SOT_ID, dtype=torch.long, device=device)
         written: list[list[int]] = [[] for _ in range(b)]
@@ -291,7 +313,7 @@ class CaptionDecoder:
         for step in range(settings.max_tokens + 1):
             scores = self._step(state, tokens, step)
             if step < settings.min_tokens:
-                scores[:, OPEN_CLIP_EOT_ID] = -math.inf
+                scores[:, list(END_IDS)] = -math.inf
             if step == settings.max_tokens:  # out of room: the caption ends here
                 chosen = torch.full_like(tokens, OPEN_CLIP_EOT_ID)
             elif generators is None:
@@ -301,8 +323,8 @@ class CaptionDecoder:
             picked = scores.gather(1, chosen[:, None])[:, 0].tolist()
             ended = []
             for j, (image, token) in enumerate(zip(rows.tolist(), chosen.tolist())):
-                logprob[image] += picked[j] if math.isfinite(picked[j]) else 0.0
-                if token == OPEN_CLIP_EOT_ID:
+                logprob[image] += picked[j]
+                if token in END_IDS:
                     n = len(written[image]) + 1
                     done[image] = Caption(tuple(written[image]), logprob[image] / n)
                     ended.append(j)
@@ -333,7 +355,7 @@ class CaptionDecoder:
         for step in range(settings.max_tokens + 1):
             scores = self._step(state, tokens, step)
             if step < settings.min_tokens:
-                scores[:, OPEN_CLIP_EOT_ID] = -math.inf
+                scores[:, list(END_IDS)] = -math.inf
             if step == settings.max_tokens:  # out of room: every hypothesis ends here
                 scores = torch.where(_is_end(scores), scores, torch.full_like(scores, -math.inf))
             vocab = scores.shape[1]
@@ -345,7 +367,7 @@ class CaptionDecoder:
                     if not math.isfinite(total) or len(kept) == k:
                         break
                     row, word = i * k + flat // vocab, flat % vocab
-                    if word == OPEN_CLIP_EOT_ID:
+                    if word in END_IDS:
                         finished[image].append(Caption(tuple(prefixes[row]), total / (len(prefixes[row]) + 1)))
                     else:
                         kept.append((total, row, word))
@@ -384,5 +406,7 @@ def _nucleus(scores: torch.Tensor, settings: DecodeSettings, generators: list[to
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
     draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(scores.device)
-    index = (sorted_probs.cumsum(dim=-1) < draws[:, None]).sum(dim=-1).clamp(max=scores.shape[1] - 1)
+    # the renormalised sum can end a hair below 1: a draw above it takes the nucleus's last token
+    size = (~outside).sum(dim=-1)
+    index = torch.minimum((sorted_probs.cumsum(dim=-1) < draws[:, None]).sum(dim=-1), size - 1)
     return order.gather(1, index[:, None])[:, 0]

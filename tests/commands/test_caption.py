@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,10 +179,10 @@ def test_another_job_is_refused_and_overwrite_replaces_only_when_complete(photos
         with pytest.raises(MmcliError) as refused:
             caption(str(photos), str(out), model=str(coca_run), batch_size=2, **{**FAST, **options})
         assert str(refused.value) == (
-            f"{out}.partial holds 2 rows of another job ({field}); "
+            f"{out}.partial holds 2 items of another job ({field}); "
             "rerun with --overwrite to discard them and start over, or choose another --out"
         )
-    with pytest.raises(MmcliError, match=r"holds 2 rows of another job \(input: "):
+    with pytest.raises(MmcliError, match=r"holds 2 items of another job \(input: "):
         caption(str(photos / "sub"), str(out), model=str(coca_run), batch_size=2, **FAST)
     assert open(f"{out}.partial", "rb").read() == partial  # nothing of the interrupted run is lost
 
@@ -246,6 +247,15 @@ def test_ranks_write_shards_that_concatenate_to_the_single_process_file(photos, 
     assert skipped == [[], [{"item": BROKEN, "reason": "not an image"}]]
     assert json.loads(open(f"{shards[1]}.meta.json").read())["shard"] == {"rank": 1, "world_size": 2}
 
+    # a single-process run into the same --out would sit beside the shards: refused, then replaces them
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(MmcliError, match="captions.rank00000-of-00002.jsonl already holds captions for --out"):
+        caption(str(photos), str(out), model=str(coca_run), batch_size=1, **FAST)
+    caption(str(photos), str(out), model=str(coca_run), batch_size=1, overwrite=True, **FAST)
+    assert out.read_bytes() == single.read_bytes()
+    assert not any(p.exists() or Path(f"{p}.meta.json").exists() for p in shards)
+
 
 # --------------------------------------------------------------------------------------------
 # the command line
@@ -269,7 +279,12 @@ def test_user_mistakes_are_one_line_errors(photos, coca_run, nano_run, tmp_path)
     line = _one_line_error(_invoke(photos, "--out", out, "--model", coca_run, "--max-tokens", 24))
     assert line == "mmcli: error: --max-tokens 24: more than the model's text context allows; use at most 23"
     line = _one_line_error(_invoke(photos, "--out", out, "--model", nano_run, "--max-tokens", 6))
-    assert line.startswith(f"mmcli: error: --model {nano_run}: not a captioning model") and "caption objective" in line
+    assert line.startswith(f"mmcli: error: --model {nano_run} has no caption decoder") and "caption objective" in line
+    from tests.conftest import save_random_run
+
+    untrained = save_random_run(tmp_path / "clip-only-coca", "mmcli-nano-coca")  # no caption module
+    line = _one_line_error(_invoke(photos, "--out", out, "--model", untrained, "--max-tokens", 6))
+    assert line.endswith("is a CoCa run trained without the caption objective: its decoder never learned to caption")
     line = _one_line_error(_invoke(photos, "--out", out, "--model", coca_run, "--decoding", "nucleus"))
     assert line == "mmcli: error: --decoding nucleus: choose one of greedy, beam, top-p"
     line = _one_line_error(_invoke(photos, "--out", tmp_path / "c.txt", "--model", coca_run))

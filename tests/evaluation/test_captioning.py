@@ -104,3 +104,22 @@ def test_language_model_baseline_captions_do_not_depend_on_the_image(tmp_path, s
     images = torch.randn(3, 3, 32, 32)
     captions = CaptionDecoder.of(loaded.model).decode(images, DecodeSettings(max_tokens=4))
     assert captions[0] == captions[1] == captions[2]
+
+
+def test_an_unreadable_image_is_left_out_of_every_score(coca_run, shapes_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, data)
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    (data / rows[0]["image"]).write_bytes(b"not a png")
+    result = evaluate(
+        None,
+        [f"captioning.path={data / 'test.jsonl'}", "captioning.max_tokens=4"],
+        flags={"model": str(coca_run), "output": str(tmp_path / "e.json"), "workers": 0},
+        device="cpu",
+    )
+    metrics = result["results"][0]["metrics"]
+    assert metrics["skipped"] == 1 and metrics["images"] == len(rows) - 1
+    assert metrics["scene.captions"] == len(rows) - 1
+    assert any("1 unreadable images left out" in note for note in result["notes"])

@@ -110,7 +110,7 @@ def test_the_writer_continues_the_same_job_and_refuses_another(tmp_path):
     with pytest.raises(MmcliError) as refused:
         CaptionWriter(path, job={**JOB, "max_tokens": 8}, meta=META, state=resume_state(path), overwrite=False)
     assert str(refused.value) == (
-        f"{path}.partial holds 1 rows of another job (max_tokens: 6 there, 8 now); "
+        f"{path}.partial holds 2 items of another job (max_tokens: 6 there, 8 now); "
         "rerun with --overwrite to discard them and start over, or choose another --out"
     )
     assert open(f"{path}.partial", "rb").read() == before

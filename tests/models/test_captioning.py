@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcli.models.captioning import (
+    END_IDS,
     CaptionDecoder,
     DecodeSettings,
     caption_loss,
@@ -93,7 +94,8 @@ def _open_clip_greedy(model, images, max_tokens: int, min_tokens: int = 0) -> li
     captions = []
     for row in out:
         row = row[1:]  # the start token
-        captions.append(tuple(row[: row.index(OPEN_CLIP_EOT_ID)] if OPEN_CLIP_EOT_ID in row else row))
+        ends = [i for i, token in enumerate(row) if token in END_IDS]  # generate stops at either
+        captions.append(tuple(row[: ends[0]] if ends else row))
     return captions
 
 
@@ -104,6 +106,36 @@ def test_cached_greedy_equals_open_clip_generate(coca, min_tokens):
     reference = _open_clip_greedy(coca.model, images, 8, min_tokens)
     assert [c.tokens for c in ours] == reference
     assert all(len(c.tokens) >= min_tokens for c in ours)
+
+
+def test_the_padding_token_ends_a_caption_as_in_open_clip_generate(coca):
+    """open_clip's generate ends a row at the padding id (0) as at the end token; so do we."""
+    model = coca.model
+    with torch.no_grad():
+        model.text_decoder.text_projection[:, 0] *= 12  # make "!" (id 0) likely
+    try:
+        images = _images(8, seed=11)
+        ours = CaptionDecoder(model).decode(images, DecodeSettings(max_tokens=8))
+        assert [c.tokens for c in ours] == _open_clip_greedy(model, images, 8)
+        assert any(len(c.tokens) < 8 for c in ours) and all(0 not in c.tokens for c in ours)
+        forced = CaptionDecoder(model).decode(images, DecodeSettings(max_tokens=8, min_tokens=8))
+        assert all(len(c.tokens) == 8 and 0 not in c.tokens for c in forced)
+    finally:
+        with torch.no_grad():
+            model.text_decoder.text_projection[:, 0] /= 12
+
+
+def test_decoder_follows_the_model_when_moved_or_cast(coca):
+    decoder = CaptionDecoder(coca.model)
+    images = _images(2, seed=12)
+    before = decoder.decode(images, DecodeSettings(max_tokens=5))
+    coca.model.double()
+    try:
+        after = decoder.decode(images.double(), DecodeSettings(max_tokens=5))
+    finally:
+        coca.model.float()
+    assert [c.tokens for c in after] == [c.tokens for c in before]
+    assert decoder.decode(images[:0], DecodeSettings(max_tokens=5)) == []
 
 
 def test_greedy_score_is_mean_log_probability_of_the_tokens(coca):
