@@ -34,6 +34,11 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a spec field, e.g. --set train.lr=3e-4 (repeatable).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+NoDraftOpt = Annotated[
+    bool,
+    typer.Option("--no-draft", help="Decode JPEGs at full size (slower, resampling closer to the full-size pipeline)."),
+]
+ImageKeyOpt = Annotated[str, typer.Option("--image-key", help="Image column/key of a dataset file.")]
 
 
 class State:
@@ -144,15 +149,8 @@ def embed(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over (and replace a complete index) instead of resuming.")
     ] = False,
-    no_draft: Annotated[
-        bool,
-        typer.Option(
-            "--no-draft", help="Decode JPEGs at full size (slower, resampling closer to the full-size pipeline)."
-        ),
-    ] = False,
-    image_key: Annotated[
-        str, typer.Option("--image-key", help="Image column/key of a dataset file.")
-    ] = DEFAULT_IMAGE_KEY,
+    no_draft: NoDraftOpt = False,
+    image_key: ImageKeyOpt = DEFAULT_IMAGE_KEY,
     text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = DEFAULT_TEXT_KEY,
     as_json: JsonOpt = False,
 ) -> None:
@@ -245,15 +243,8 @@ def caption(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over (and replace a complete OUT) instead of resuming.")
     ] = False,
-    no_draft: Annotated[
-        bool,
-        typer.Option(
-            "--no-draft", help="Decode JPEGs at full size (slower, resampling closer to the full-size pipeline)."
-        ),
-    ] = False,
-    image_key: Annotated[
-        str, typer.Option("--image-key", help="Image column/key of a dataset file.")
-    ] = DEFAULT_IMAGE_KEY,
+    no_draft: NoDraftOpt = False,
+    image_key: ImageKeyOpt = DEFAULT_IMAGE_KEY,
     as_json: JsonOpt = False,
 ) -> None:
     """Caption images with a CoCa run: OUT (.jsonl, one {item, caption, score} a line) and OUT.meta.json.

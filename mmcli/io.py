@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -269,3 +270,17 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def created_stamp() -> dict[str, str]:
+    """``{time, mmcli, host}``: when, by which mmcli version and where an output was finished (the
+    ``created`` field of index and captions sidecars)."""
+    from datetime import datetime, timezone
+
+    from mmcli import __version__
+
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mmcli": __version__,
+        "host": socket.gethostname(),
+    }

@@ -28,17 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmcli import __version__
 from mmcli.errors import MmcliError
-from mmcli.io import DEFAULT_IMAGE_KEY, FileLock, atomic_write_json
+from mmcli.io import DEFAULT_IMAGE_KEY, FileLock, atomic_write_json, created_stamp
 from mmcli.retrieval.index import shard_name
 
 FORMAT = "mmcli-captions"
@@ -288,11 +285,7 @@ class CaptionWriter:
 
     def sidecar(self) -> dict[str, Any]:
         """The sidecar of the finished file: the run's fields, counts, skipped items, when and where."""
-        created = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "mmcli": __version__,
-            "host": socket.gethostname(),
-        }
+        created = created_stamp()
         return {
             "format": FORMAT,
             "version": VERSION,

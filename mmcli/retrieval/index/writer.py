@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 import numpy.lib.format as npy_format
 
-from mmcli import __version__
 from mmcli.errors import MmcliError
-from mmcli.io import FileLock, atomic_write_json
+from mmcli.io import FileLock, atomic_write_json, created_stamp
 from mmcli.retrieval.index.files import (
     _SHARD_RE,
     DTYPES,
@@ -278,11 +275,7 @@ class IndexWriter:
         shard = _SHARD_RE.match(os.path.basename(self.path))
         if shard:
             extra["shard"] = {"rank": int(shard["rank"]), "world_size": int(shard["world"])}
-        created = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "mmcli": __version__,
-            "host": socket.gethostname(),
-        }
+        created = created_stamp()
         return {
             "format": FORMAT,
             "version": VERSION,
