@@ -104,7 +104,7 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the spec's run folder.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a CLIP-style dual encoder (plus MLM/ITM objectives) from a run spec."""
+    """Train a CLIP-style dual encoder (plus MLM, ITM, MIM or CoCa caption objectives) from a run spec."""
     with reported_errors():
         from mmcli.commands.pretrain import run
         from mmcli.commands.render import render_pretrain_summary
@@ -156,8 +156,9 @@ def embed(
 ) -> None:
     """Embed images or texts into an index: OUT (.npy, L2-normalised rows) and OUT.json (its sidecar).
 
-    Re-running into the same OUT resumes an interrupted run; bad images are skipped and listed in
-    the sidecar. Under torchrun every rank writes its own shard, read by retrieve as one index.
+    Re-running into the same OUT resumes an interrupted run; bad images are
+    skipped and listed in the sidecar. Under torchrun every rank writes its own
+    shard, read by retrieve as one index.
     """
     with reported_errors():
         if modality not in ("auto", "image", "text"):
@@ -249,10 +250,11 @@ def caption(
 ) -> None:
     """Caption images with a CoCa run: OUT (.jsonl, one {item, caption, score} a line) and OUT.meta.json.
 
-    Rows are written to OUT.partial as batches finish; OUT appears only when every image is done.
-    Re-running the same command resumes an interrupted run; bad images are skipped and listed in
-    the sidecar. Under torchrun every rank writes its own shard (OUT with .rank00000-of-00008
-    before .jsonl; its sidecar beside it): cat them in rank order to combine them.
+    Rows are written to OUT.partial as batches finish; OUT appears only when
+    every image is done. Re-running the same command resumes an interrupted run;
+    bad images are skipped and listed in the sidecar. Under torchrun every rank
+    writes its own shard (OUT with .rank00000-of-00008 before .jsonl, its sidecar
+    beside it): cat them in rank order to combine them.
     """
     with reported_errors():
         from mmcli.commands.caption import run
@@ -402,7 +404,7 @@ def evaluate(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy."""
+    """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy, captioning."""
     with reported_errors():
         from mmcli.commands.evaluate import run
         from mmcli.commands.render import render_eval
