@@ -231,3 +231,16 @@ def test_settings_and_limits_are_checked(coca):
     with pytest.raises(ValueError, match="not a captioning model"):
         CaptionDecoder(build_dual_encoder(ModelSpec(arch="mmcli-nano")).model)
     assert math.isfinite(decoder.decode(_images(1), DecodeSettings(max_tokens=1))[0].score)
+
+
+def test_coca_text_queries_are_not_sent_down_the_fast_clip_text_path():
+    """retrieve's plain-torch text tower reproduces CLIP's; CoCa's appends a class token, so its
+    queries must go through open_clip."""
+    import json
+
+    from mmcli.models.encoders import PRESET_DIR
+    from mmcli.models.fast_text import is_standard_text_tower
+
+    for name in ("mmcli-nano-coca", "mmcli-tiny-coca", "mmcli-small-coca"):
+        assert not is_standard_text_tower(json.loads((PRESET_DIR / f"{name}.json").read_text()))
+    assert is_standard_text_tower(json.loads((PRESET_DIR / "mmcli-tiny.json").read_text()))
