@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmcli.data.shapes import COLORS, SHAPES, SIZE_RANGES, relation, shape_mask
+from mmcli.data.shapes import COLORS, SHAPES, SIZE_RANGES, Boxed, relation, shape_mask
 
 COLOR_DISTANCE = 90.0
 """Largest RGB (Euclidean) distance at which a pixel still counts as a palette colour (it then goes to
@@ -62,24 +62,13 @@ _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float64)
 
 
 @dataclass(frozen=True)
-class SeenObject:
+class SeenObject(Boxed):
     """A shape read from a picture: its colour, its shape and its tight box ``(x0, y0, x1, y1)``
-    (x1/y1 exclusive, like :class:`mmcli.data.shapes.SceneObject`)."""
+    (x1/y1 exclusive, like :class:`mmcli.data.shapes.SceneObject`); its centre is the dataset's."""
 
     color: str
     shape: str
     box: tuple[int, int, int, int]
-
-    @property
-    def center(self) -> tuple[float, float]:
-        """Centre of the box in pixels, as the dataset computes it (so relations agree)."""
-        x0, y0, x1, y1 = self.box
-        return (x0 + x1) / 2, (y0 + y1) / 2
-
-    @property
-    def name(self) -> str:
-        """``"red circle"``."""
-        return f"{self.color} {self.shape}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +235,7 @@ def scene_relations(objects: list[SeenObject]) -> list[dict[str, Any]]:
     """Every ordered pair ``(i, j)``, ``i != j``, with the relation of object i to object j by the
     dataset's rule (:func:`mmcli.data.shapes.relation`), as in a JSONL record's ``relations``."""
     return [
-        {"subject": i, "predicate": relation(a, b), "object": j}  # type: ignore[arg-type]
+        {"subject": i, "predicate": relation(a, b), "object": j}
         for i, a in enumerate(objects)
         for j, b in enumerate(objects)
         if i != j

@@ -51,17 +51,14 @@ _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 _MAX_TRIES = 200
 
 
-@dataclass(frozen=True)
-class SceneObject:
-    """One drawn shape: its attributes, its tight box ``(x0, y0, x1, y1)`` (x1/y1 exclusive),
-    and where its ``side``×``side`` drawing square was pasted (``origin``)."""
+class Boxed:
+    """What a shape with a ``color``, a ``shape`` and a tight ``box`` (x0, y0, x1, y1; x1/y1
+    exclusive) offers, whether drawn (:class:`SceneObject`) or read from a picture
+    (:class:`mmcli.data.scenes.SeenObject`): one centre, hence one relation rule for both."""
 
-    shape: str
     color: str
-    size: str
+    shape: str
     box: tuple[int, int, int, int]
-    origin: tuple[int, int]
-    side: int
 
     @property
     def center(self) -> tuple[float, float]:
@@ -75,12 +72,25 @@ class SceneObject:
         return f"{self.color} {self.shape}"
 
 
+@dataclass(frozen=True)
+class SceneObject(Boxed):
+    """One drawn shape: its attributes, its tight box ``(x0, y0, x1, y1)`` (x1/y1 exclusive),
+    and where its ``side``×``side`` drawing square was pasted (``origin``)."""
+
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]
+    origin: tuple[int, int]
+    side: int
+
+
 # --------------------------------------------------------------------------------------------
 # geometry
 # --------------------------------------------------------------------------------------------
 
 
-def relation(subject: SceneObject, obj: SceneObject) -> str | None:
+def relation(subject: Boxed, obj: Boxed) -> str | None:
     """The spatial relation of ``subject`` to ``obj`` from the dominant axis of their centre
     offset (image y grows downwards), or ``None`` when neither axis clearly dominates."""
     (sx, sy), (ox, oy) = subject.center, obj.center

@@ -42,16 +42,16 @@ def seed_keys(paths: list[str]) -> dict[str, str]:
     return {p: os.path.relpath(os.path.realpath(p), root).replace(os.sep, "/") for p in paths}
 
 
-def caption_paths(loaded, paths: list[str], settings, *, seed: int, batch_size: int, workers: int, device):
-    """``({path: Caption}, [(path, reason)])``: the captions of the usable image files ``paths``
+def caption_paths(loaded, decoder, paths: list[str], settings, *, seed: int, batch_size: int, workers: int, device):
+    """``({path: Caption}, [(path, reason)])``: the captions by ``decoder`` (a
+    :class:`~mmcli.models.captioning.CaptionDecoder` of ``loaded``) of the usable image files ``paths``
     and the unusable ones, decoded as ``mmcli caption`` decodes by default (the model's transform,
     JPEGs in draft mode where that loses nothing)."""
     import torch
 
-    from mmcli.models.captioning import CaptionDecoder, item_seed
+    from mmcli.models.captioning import item_seed
     from mmcli.retrieval.embedding import ImageItems, Item, draft_size, image_loader
 
-    decoder = CaptionDecoder.of(loaded.model)
     keys = seed_keys(paths)
     dataset = ImageItems([Item(p, p) for p in paths], loaded.preprocess, draft=draft_size(loaded.preprocess))
     captions, bad = {}, []
@@ -71,7 +71,7 @@ def evaluate_captioning(loaded, spec, *, device, batch_size: int, workers: int, 
     :class:`~mmcli.spec.CaptioningTaskSpec`); every caption is written to ``predictions_path``."""
     import json
 
-    from mmcli.models.captioning import DecodeSettings, require_captioner
+    from mmcli.models.captioning import CaptionDecoder, DecodeSettings, SettingError, require_captioner
 
     require_captioner(loaded, f"captioning: model {loaded.ref}")
     try:
@@ -83,16 +83,13 @@ def evaluate_captioning(loaded, spec, *, device, batch_size: int, workers: int, 
             max_tokens=spec.max_tokens,
             min_tokens=spec.min_tokens,
         )
-    except ValueError as exc:
-        raise MmcliError(f"captioning: {exc}") from None
-    from mmcli.models.captioning import CaptionDecoder
-
-    limit = CaptionDecoder.of(loaded.model).max_tokens
-    if settings.max_tokens > limit:
-        raise MmcliError(f"captioning.max_tokens: {settings.max_tokens} is more than the model's text context allows")
+        decoder = CaptionDecoder.of(loaded.model)
+        decoder.check(settings)
+    except SettingError as exc:
+        raise MmcliError(f"captioning.{exc}") from None
     paths, references, scenes = read_references(spec)
     found, bad = caption_paths(
-        loaded, paths, settings, seed=spec.seed, batch_size=batch_size, workers=workers, device=device
+        loaded, decoder, paths, settings, seed=spec.seed, batch_size=batch_size, workers=workers, device=device
     )
     decode = loaded.tokenizer.decode
     predicted = {p: decode(list(c.tokens)).strip() for p, c in found.items()}

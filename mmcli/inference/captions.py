@@ -100,31 +100,25 @@ def writer_lock(path: str) -> FileLock:
 def caption_settings(decoding: str, *, beams: int, top_p: float, temperature: float, max_tokens: int, min_tokens: int):
     """The :class:`~mmcli.models.captioning.DecodeSettings` of the options, or a one-line error naming
     the option at fault. The model's own limit on ``max_tokens`` is checked once it is loaded."""
-    import math
+    from mmcli.models.captioning import DecodeSettings, SettingError
 
-    from mmcli.models.captioning import DecodeSettings
-    from mmcli.spec.choices import DECODINGS
+    try:
+        return DecodeSettings(
+            decoding=decoding,
+            beams=beams,
+            top_p=top_p,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+        )
+    except SettingError as exc:
+        raise option_error(exc) from None
 
-    if decoding not in DECODINGS:
-        raise MmcliError(f"--decoding {decoding}: choose one of {', '.join(DECODINGS)}")
-    if beams < 1:
-        raise MmcliError(f"--beams {beams}: must be at least 1")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise MmcliError(f"--top-p {top_p}: must be more than 0 and at most 1")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise MmcliError(f"--temperature {temperature}: must be a number more than 0")
-    if max_tokens < 1:
-        raise MmcliError(f"--max-tokens {max_tokens}: must be at least 1")
-    if not 0 <= min_tokens <= max_tokens:
-        raise MmcliError(f"--min-tokens {min_tokens}: must be between 0 and --max-tokens ({max_tokens})")
-    return DecodeSettings(
-        decoding=decoding,
-        beams=beams,
-        top_p=top_p,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-    )
+
+def option_error(exc) -> MmcliError:
+    """A :class:`~mmcli.models.captioning.SettingError` as the one-line error of its option."""
+    why = exc.why.replace("max_tokens", "--max-tokens")
+    return MmcliError(f"--{exc.field.replace('_', '-')} {exc.value}: {why}")
 
 
 def settings_record(settings, seed: int) -> dict[str, Any]:
@@ -412,15 +406,16 @@ class Captioning:
         self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         loaded = load_model(ref, device=self.device)
         require_captioner(loaded, f"--model {ref}")
+        from mmcli.models.captioning import SettingError
+
         try:
             self.decoder = CaptionDecoder.of(loaded.model)
         except ValueError as exc:
             raise MmcliError(f"--model {ref}: cannot caption with it ({exc})") from None
-        if self.settings.max_tokens > self.decoder.max_tokens:
-            raise MmcliError(
-                f"--max-tokens {self.settings.max_tokens}: more than the model's text context allows; "
-                f"use at most {self.decoder.max_tokens}"
-            )
+        try:
+            self.decoder.check(self.settings)
+        except SettingError as exc:
+            raise option_error(exc) from None
         self.tokenizer = loaded.tokenizer
         return loaded
 

@@ -135,11 +135,26 @@ class DecodeSettings:
 
     def __post_init__(self) -> None:
         if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding: {self.decoding!r} is not one of {', '.join(DECODINGS)}")
-        if self.beams < 1 or self.max_tokens < 1 or self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ValueError("need beams ≥ 1, max_tokens ≥ 1 and 0 ≤ min_tokens ≤ max_tokens")
-        if not 0 < self.top_p <= 1 or not self.temperature > 0:
-            raise ValueError("need 0 < top_p ≤ 1 and temperature > 0")
+            raise SettingError("decoding", self.decoding, f"choose one of {', '.join(DECODINGS)}")
+        if self.beams < 1:
+            raise SettingError("beams", self.beams, "must be at least 1")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise SettingError("top_p", self.top_p, "must be more than 0 and at most 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SettingError("temperature", self.temperature, "must be a number more than 0")
+        if self.max_tokens < 1:
+            raise SettingError("max_tokens", self.max_tokens, "must be at least 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SettingError("min_tokens", self.min_tokens, f"must be between 0 and max_tokens ({self.max_tokens})")
+
+
+class SettingError(ValueError):
+    """A decoding setting out of range: ``field`` names it (``max_tokens``), ``why`` says what it
+    must be; callers name the field their own way (``--max-tokens``, ``captioning.max_tokens``)."""
+
+    def __init__(self, field: str, value, why: str):
+        super().__init__(f"{field} {value}: {why}")
+        self.field, self.value, self.why = field, value, why
 
 
 def item_seed(seed: int, key: str) -> int:
@@ -253,6 +268,13 @@ class CaptionDecoder:
         """The longest caption the model can write: its text context, less the start token."""
         return self.context_length - 1
 
+    def check(self, settings: DecodeSettings) -> None:
+        """Refuse (:class:`SettingError`) settings this model cannot decode: captions longer than
+        its text context."""
+        if settings.max_tokens > self.max_tokens:
+            why = f"more than the model's text context allows; use at most {self.max_tokens}"
+            raise SettingError("max_tokens", settings.max_tokens, why)
+
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The attention-pooled image tokens the decoder reads [B, N, W]."""
@@ -288,10 +310,7 @@ class CaptionDecoder:
 
         ``seeds`` (one per image) make top-p sampling reproducible per image, whatever the batch
         it is decoded in; the other decodings use no randomness."""
-        if settings.max_tokens > self.max_tokens:
-            raise ValueError(
-                f"max_tokens {settings.max_tokens} is longer than the model's text context allows ({self.max_tokens})"
-            )
+        self.check(settings)
         if images.shape[0] == 0:
             return []
         tokens = self.image_tokens(images)
@@ -333,7 +352,8 @@ class CaptionDecoder:
             if len(done) == b:
                 break
             if ended:
-                live = torch.tensor([j for j in range(len(rows)) if j not in set(ended)], device=device)
+                gone = set(ended)
+                live = torch.tensor([j for j in range(len(rows)) if j not in gone], device=device)
                 state.select(live)
                 rows, chosen = rows[live], chosen[live]
             tokens = chosen

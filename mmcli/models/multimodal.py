@@ -104,16 +104,14 @@ class MultimodalModel(nn.Module):
             pooled, image_tokens = self.clip.visual(images)
             text_pooled, out["caption_text_states"] = self.clip.text(texts)
             out["caption_image_tokens"] = blind_image_tokens(image_tokens) if self.caption_blind else image_tokens
-            out["image_features"] = F.normalize(pooled, dim=-1)
-            out["text_features"] = F.normalize(text_pooled, dim=-1)
-            out["logit_scale"] = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-            return out
-        if self.needs_image_tokens:
-            pooled, out["image_tokens"] = self.encode_image_tokens(images)
         else:
-            pooled = self.clip.encode_image(images)
+            if self.needs_image_tokens:
+                pooled, out["image_tokens"] = self.encode_image_tokens(images)
+            else:
+                pooled = self.clip.encode_image(images)
+            text_pooled = self.clip.encode_text(texts)
         out["image_features"] = F.normalize(pooled, dim=-1)
-        out["text_features"] = F.normalize(self.clip.encode_text(texts), dim=-1)
+        out["text_features"] = F.normalize(text_pooled, dim=-1)
         out["logit_scale"] = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         return out
 
