@@ -39,10 +39,15 @@ def run(
     spec: FuseSpec = load_spec(spec_path, FuseSpec, overrides)
     from mmcli.distributed import close_world, init_world
 
+    if spec.task == "generate" and (eval_only or explain is not None):
+        flag = "--eval-only" if eval_only else "--explain"
+        raise MmcliError(f"{flag}: not for task generate (score a generator with mmcli eval's generation task)")
     world = init_world(device)
     try:
-        result = {} if eval_only else _train(spec, world, resume)
-        if world.is_main and spec.data.val is not None and not result.get("interrupted"):
+        train_run = _train_generator if spec.task == "generate" else _train
+        result = {} if eval_only else train_run(spec, world, resume)
+        applies = spec.task != "generate" and spec.data.val is not None
+        if world.is_main and applies and not result.get("interrupted"):
             result.update(apply(spec.run_dir(), spec, world.device, explain))
         return {
             "run_dir": str(spec.run_dir()),
@@ -67,7 +72,7 @@ def _examples(spec: FuseSpec, path: str):
 
 
 def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
-    from mmcli.data.examples import ExampleDataset, answer_prior, answer_vocabulary, example_loader
+    from mmcli.data.examples import ExampleDataset, answer_prior, answer_vocabulary
     from mmcli.data.tokenize import Tokenize
     from mmcli.models.downstream import ITM_LABELS, build_fuse_model, fuse_modules, reused_modules
     from mmcli.models.encoders import count_parameters
@@ -77,11 +82,7 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     from mmcli.training.runs import check_run_dir, run_folder, seed_everything
     from mmcli.training.tasks import FuseTask
 
-    if spec.data.batch_size % world.world_size:
-        raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
-    run_dir = spec.run_dir()
-    if run_dir.resolve() == Path(spec.base).resolve():
-        raise MmcliError(f"output: the run folder {run_dir} is the base run; give the fuse run another output.name")
+    run_dir = _check_output(spec, world)
     if world.is_main:  # early, before the base run is loaded; run_folder checks again
         check_run_dir(run_dir, resume=resume, overwrite=spec.output.overwrite)
     seed_everything(spec.train.seed)
@@ -101,23 +102,7 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     concepts = modules["fusion"]["strategy"] == "graph"
     dataset = ExampleDataset(examples, labels, base.preprocess, tokenize, concepts=concepts)
     per_rank = spec.data.batch_size // world.world_size
-
-    def loaders(epoch: int, start_batch: int):
-        return example_loader(
-            dataset,
-            batch_size=per_rank,
-            train=True,
-            seed=spec.train.seed,
-            epoch=epoch,
-            start_batch=start_batch,
-            rank=world.rank,
-            world_size=world.world_size,
-            workers=spec.data.workers,
-        )
-
-    per_epoch = len(loaders(0, 0))
-    if per_epoch == 0:
-        raise MmcliError(f"{spec.data.train}: fewer examples than one batch ({spec.data.batch_size})")
+    loaders, per_epoch = _training_loaders(spec, dataset, world)
     validate = _validator(spec, labels, tokenize, base.preprocess, world.device, per_rank, concepts)
     meta = {
         "mmcli_version": __version__,
@@ -151,6 +136,118 @@ def _train(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     return {
         "parameters": count_parameters(model),
         "trained_parameters": count_parameters(task),
+        **_training_summary(result, world),
+    }
+
+
+def _training_loaders(spec: FuseSpec, dataset, world):
+    """``(loaders(epoch, start_batch), batches per epoch)`` of this rank's share of ``dataset``."""
+    from mmcli.data.examples import example_loader
+
+    def loaders(epoch: int, start_batch: int):
+        return example_loader(
+            dataset,
+            batch_size=spec.data.batch_size // world.world_size,
+            train=True,
+            seed=spec.train.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            rank=world.rank,
+            world_size=world.world_size,
+            workers=spec.data.workers,
+        )
+
+    per_epoch = len(loaders(0, 0))
+    if per_epoch == 0:
+        raise MmcliError(f"{spec.data.train}: fewer examples than one batch ({spec.data.batch_size})")
+    return loaders, per_epoch
+
+
+def _check_output(spec: FuseSpec, world) -> Path:
+    """The run folder, refused before anything loads if it is the base or cannot be written."""
+    if spec.data.batch_size % world.world_size:
+        raise MmcliError(f"data.batch_size: {spec.data.batch_size} is not divisible by {world.world_size} ranks")
+    run_dir = spec.run_dir()
+    if run_dir.resolve() == Path(spec.base).resolve():
+        raise MmcliError(f"output: the run folder {run_dir} is the base run; give the fuse run another output.name")
+    return run_dir
+
+
+def _caption_examples(path: str):
+    from mmcli.data.examples import Example, read_shapes_jsonl
+
+    return [Example(r["id"], r["image"], r["caption"], "", "caption") for r in read_shapes_jsonl(path)]
+
+
+def _train_generator(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
+    """``task: generate``: a text-to-image generator trained on the base run's frozen text tower."""
+    from mmcli.data.examples import ExampleDataset, example_loader
+    from mmcli.data.images import SignedPixels
+    from mmcli.data.tokenize import Tokenize
+    from mmcli.evaluation.generation import denoising_validator
+    from mmcli.models.encoders import count_parameters
+    from mmcli.models.generation import generator_config
+    from mmcli.models.loading import load_model
+    from mmcli.models.multimodal import MultimodalModel
+    from mmcli.training.checkpoint import resume_into, save_spec
+    from mmcli.training.loop import train
+    from mmcli.training.runs import check_run_dir, run_folder, seed_everything
+    from mmcli.training.tasks import GenerationTask
+
+    run_dir = _check_output(spec, world)
+    if world.is_main:
+        check_run_dir(run_dir, resume=resume, overwrite=spec.output.overwrite)
+    seed_everything(spec.train.seed)
+    base = load_model(spec.base, device="cpu")
+    if base.model.captioner:
+        raise MmcliError(f"base: {spec.base} is a CoCa captioning run; the generator reads a CLIP text tower")
+    modules = {k: v for k, v in base.model.modules_config.items() if k == "mask_token"}
+    clip = base.model.clip
+    modules["generator"] = generator_config(spec.generator, clip.transformer.width, clip.text_projection.shape[1])
+    seed_everything(spec.train.seed)  # the generator's initial weights depend on the seed alone
+    model = MultimodalModel(base.model.clip, modules).to(world.device)
+    tokenize = Tokenize(base.tokenizer)
+    pixels = SignedPixels(modules["generator"]["image_size"])
+    dataset = ExampleDataset(_caption_examples(spec.data.train), [], pixels, tokenize)
+    per_rank = spec.data.batch_size // world.world_size
+    loaders, per_epoch = _training_loaders(spec, dataset, world)
+    validate = None
+    if spec.data.val is not None:
+        val = ExampleDataset(_caption_examples(spec.data.val)[: spec.data.val_max], [], pixels, tokenize)
+        val_loader = example_loader(val, batch_size=per_rank, train=False, seed=spec.train.seed)
+        validate = denoising_validator(val_loader, world.device, seed=spec.train.seed)
+    meta = {"mmcli_version": __version__, "arch": base.arch, "kind": "fuse", "task": spec.task, "base": spec.base}
+    meta["modules"] = modules
+    with run_folder(run_dir, resume=resume, overwrite=spec.output.overwrite, is_main=world.is_main):
+        resume_state = resume_into(run_dir, model, resume)
+        if world.is_main:
+            save_spec(run_dir, spec)
+            shutil.copyfile(Path(spec.base) / io.OPEN_CLIP_CONFIG, run_dir / io.OPEN_CLIP_CONFIG)
+        start_step = resume_state["progress"]["step"] if resume_state else 0
+        task = GenerationTask(
+            model, tokenize("").to(world.device), seed=spec.train.seed, rank=world.rank, start_step=start_step
+        )
+        result = train(
+            task,
+            loaders=loaders,
+            batches_per_epoch=per_epoch,
+            spec=spec.train,
+            world=world,
+            run_dir=run_dir,
+            meta=meta,
+            validate=validate,
+            resume=resume_state,
+            progress_label="fuse generate",
+        )
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_parameters": count_parameters(task),
+        **_training_summary(result, world),
+    }
+
+
+def _training_summary(result, world) -> dict[str, Any]:
+    return {
         "steps": result.steps,
         "interrupted": result.interrupted,
         "samples_per_s": round(result.samples_per_s, 1),

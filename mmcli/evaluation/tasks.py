@@ -133,6 +133,13 @@ def _captioning(ctx: EvalContext, spec) -> dict[str, Any]:
     return flatten({k: v for k, v in raw.items() if k != "examples"})
 
 
+def _generation(ctx: EvalContext, spec) -> dict[str, Any]:
+    from mmcli.evaluation.generation import evaluate_generation
+
+    raw = evaluate_generation(ctx.loaded, spec, device=ctx.device, batch_size=ctx.batch_size, output=ctx.output)
+    return flatten({k: v for k, v in raw.items() if k != "sheet_rows"})
+
+
 EVAL_TASKS: dict[str, EvalTask] = {
     "zero_shot": EvalTask("zeroshot_classification", _zero_shot),
     "retrieval": EvalTask("zeroshot_retrieval", _retrieval),
@@ -142,6 +149,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
     "mlm": EvalTask("masked_language_modelling", _mlm),
     "alignment": EvalTask("region_concept_alignment", _alignment),
     "captioning": EvalTask("captioning", _captioning),
+    "generation": EvalTask("text_to_image", _generation),
 }
 """Every eval task by the name of its spec section, in the order they run."""
 

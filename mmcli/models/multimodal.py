@@ -28,7 +28,17 @@ from mmcli.models.heads import ClassifierHead, ITMHead, MaskedLogits, MIMHead, M
 from mmcli.models.text import add_mask_token, text_token_states
 from mmcli.spec.choices import FUSION_OBJECTIVES
 
-MODULE_ORDER = ("mask_token", "fusion", "mlm_head", "mmlm_proj", "itm_head", "mim_head", "vqa_head", "caption")
+MODULE_ORDER = (
+    "mask_token",
+    "fusion",
+    "mlm_head",
+    "mmlm_proj",
+    "itm_head",
+    "mim_head",
+    "vqa_head",
+    "caption",
+    "generator",
+)
 """Every module a config may hold, in build order ([MASK] first: heads tie to the grown embedding)."""
 
 
@@ -163,6 +173,11 @@ class MultimodalModel(nn.Module):
         before any attention mixes in its context."""
         return self.clip.token_embedding(texts)
 
+    def prompt_states(self, texts: torch.Tensor) -> torch.Tensor:
+        """The causal per-token states [B, L, width] of the text tower, exactly those inside
+        ``encode_text`` (padding included): what the generator's cross-attention reads."""
+        return text_token_states(self.clip, texts, causal=True)
+
     def mlm_logits(
         self, masked: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None = None
     ) -> MaskedLogits:
@@ -216,6 +231,12 @@ def _caption(model: MultimodalModel, cfg: dict) -> None:
     model.caption_blind = not cfg["image"]
 
 
+def _generator(model: MultimodalModel, cfg: dict) -> None:
+    from mmcli.models.generation import TextToImage
+
+    model.generator = TextToImage(cfg)
+
+
 _BUILDERS = {
     "mask_token": _mask_token,
     "fusion": _fusion,
@@ -225,6 +246,7 @@ _BUILDERS = {
     "mim_head": _mim_head,
     "vqa_head": _vqa_head,
     "caption": _caption,
+    "generator": _generator,
 }
 
 

@@ -33,7 +33,7 @@ from mmcli.spec.evaluate import (
     RetrievalTaskSpec,
     ZeroShotTaskSpec,
 )
-from mmcli.spec.fuse import FuseDataSpec, FuseSpec
+from mmcli.spec.fuse import FuseDataSpec, FuseSpec, GeneratorSpec
 from mmcli.spec.fusion import FusionSpec, GraphSpec
 from mmcli.spec.kinds import SPEC_KINDS, spec_model_for
 from mmcli.spec.pretrain import (
@@ -80,6 +80,7 @@ __all__ = [
     # fuse
     "FuseDataSpec",
     "FuseSpec",
+    "GeneratorSpec",
     # evaluate
     "EVAL_TASKS",
     "AlignmentEvalTaskSpec",

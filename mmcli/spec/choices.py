@@ -43,10 +43,22 @@ encoder)."""
 DECODINGS = ("greedy", "beam", "top-p")
 """How ``mmcli caption`` picks each next token."""
 
-FUSE_TASKS = ("vqa", "itm")
+FUSE_TASKS = ("vqa", "itm", "generate")
 """Downstream tasks of ``mmcli fuse``."""
 
-EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment", "captioning")
+GENERATOR_PRESETS = ("cpu", "gpu")
+"""Sizes of the text-to-image generator (:data:`mmcli.models.generation.GENERATOR_PRESETS`)."""
+
+SAMPLERS = ("ddim", "dpm", "ddpm")
+"""Samplers of ``mmcli generate`` (:data:`mmcli.models.generation.SAMPLERS`)."""
+
+PREDICTIONS = ("v_prediction", "epsilon")
+"""What the generator's UNet predicts (diffusers' ``prediction_type`` names)."""
+
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+"""Noise schedules of the generator (diffusers' names: cosine, Ho et al.'s linear, Stable Diffusion's)."""
+
+EVAL_TASKS = ("zero_shot", "retrieval", "linear_probe", "vqa", "itm", "mlm", "alignment", "captioning", "generation")
 """Sections of an eval spec, in the order they run (:data:`mmcli.evaluation.EVAL_TASKS`)."""
 
 MIM_LOSSES = ("cosine", "mse")

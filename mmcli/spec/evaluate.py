@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from mmcli.spec.base import Section
-from mmcli.spec.choices import DECODINGS, EVAL_TASKS, REGION_SOURCES, check_registry, literal
+from mmcli.spec.choices import DECODINGS, EVAL_TASKS, REGION_SOURCES, SAMPLERS, check_registry, literal
 from mmcli.spec.common import FileSourceSpec, SourceSpec
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +113,43 @@ class CaptioningTaskSpec(SourceSpec):
         return _map_style(self)
 
 
+class GenerationTaskSpec(Section):
+    """Text-to-image generation of a ``task: generate`` run, scored on the captions of a shapes
+    JSONL split: each prompt's pictures are read by the scene reader (object precision / recall /
+    F1 over (colour, shape), relation accuracy, exact scene) and scored by the run's own dual
+    encoder (CLIP score, prompt R@1 among all the split's captions), beside the same scores of the
+    real images (the ceiling) and of unconditional samples (guidance 0, the floor), on all prompts
+    and on the single-object ones."""
+
+    path: str
+    """A shapes JSONL split (``data/shapes-32/val.jsonl``): its captions are the prompts, its
+    images the real row."""
+
+    prompts: int | None = Field(200, ge=1)
+    """The first this many distinct captions of the file are the prompts; ``null``: all of them."""
+
+    samples: int = Field(4, ge=1)
+    """Pictures per prompt."""
+
+    sampler: literal(SAMPLERS) = "ddim"
+    """As ``mmcli generate --sampler``."""
+
+    steps: int = Field(25, ge=1)
+    """Denoising steps (``ddpm`` uses the training schedule's timesteps whatever this says)."""
+
+    guidance: float = Field(3.0, ge=0)
+    """Classifier-free guidance scale of the conditional row (0: unconditional, 1: no guidance)."""
+
+    unconditional: bool = True
+    """Also score pictures drawn without the prompt (guidance 0): the floor."""
+
+    seed: int = 0
+    """Seed of the pictures (per prompt and sample, as ``mmcli generate``)."""
+
+    sheet_prompts: int = Field(8, ge=0)
+    """Prompts drawn in the picture ``<output>-generated.png`` (each: the real image, then its samples)."""
+
+
 class LinearProbeTaskSpec(Section):
     """A logistic regression on frozen image embeddings, trained on all training examples and on
     k examples per class (few-shot); reports test accuracy for each."""
@@ -189,6 +226,9 @@ class EvalSpec(Section):
 
     captioning: CaptioningTaskSpec | None = None
     """Caption metrics (BLEU, ROUGE-L, CIDEr-D; the scene score on shapes) of a CoCa run."""
+
+    generation: GenerationTaskSpec | None = None
+    """Faithfulness of a text-to-image run's pictures (scene reader, CLIP score, prompt R@1)."""
 
     output: str = "eval.json"
     """The results file: a JSON list of ``{dataset, model, pretrained, task, metrics}`` records,

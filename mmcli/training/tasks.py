@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcli.data.batches import mix_seed
 from mmcli.distributed import World
 from mmcli.models.downstream import caption_inputs, pair_inputs, uses_graph
 from mmcli.models.multimodal import MultimodalModel
@@ -115,3 +116,72 @@ class FuseTask(TrainingTask):
                 positives=same_caption,
             )
         return losses
+
+
+class GenerationTask(TrainingTask):
+    """A ``task: generate`` run: the denoising loss of the model's generator (DDPM's simple loss:
+    the mean squared error of the predicted noise, or velocity, at a uniform timestep), the prompt
+    read by the frozen text tower; ``text_dropout`` of the samples get the empty prompt
+    (classifier-free guidance).
+
+    The noise, the timesteps and the dropped captions of each micro-batch come from a generator
+    seeded by (``seed``, optimizer step, micro-batch, ``rank``), not from torch's global one, which
+    other code draws from (every new DataLoader iterator does): a run resumed at ``start_step`` draws
+    what a run trained straight through would, and each rank draws its own noise."""
+
+    def __init__(
+        self, model: MultimodalModel, empty_prompt: torch.Tensor, *, seed: int, rank: int = 0, start_step: int = 0
+    ):
+        super().__init__()
+        from mmcli.models.generation import noise_schedule
+
+        self.model = model
+        model.clip.requires_grad_(False)
+        self.schedule = noise_schedule(model.generator.cfg, "ddpm")
+        self.register_buffer("empty_prompt", empty_prompt.reshape(1, -1).long(), persistent=False)
+        self.seed, self.rank = seed, rank
+        self.step, self.micro_batch = start_step, 0
+
+    @property
+    def generator(self):
+        return self.model.generator
+
+    def loss_weights(self) -> dict[str, float]:
+        """The denoising loss alone."""
+        return {"denoise": 1.0}
+
+    def draws(self) -> torch.Generator:
+        """The random generator of the current micro-batch."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, self.step, self.micro_batch, self.rank))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The prediction error on the batch's images and captions."""
+        images = batch["images"]
+        draws = self.draws()
+        self.micro_batch += 1
+        noise = torch.randn(images.shape, generator=draws).to(images.device)
+        timesteps = self.schedule.config.num_train_timesteps
+        steps = torch.randint(0, timesteps, (images.shape[0],), generator=draws).to(images.device)
+        dropped = torch.rand(images.shape[0], generator=draws).to(images.device) < self.generator.text_dropout
+        prompt = self.condition(batch["texts"], dropped)
+        noisy = self.schedule.add_noise(images, noise, steps)
+        target = self.generator.target(self.schedule, images, noise, steps)
+        return {"denoise": F.mse_loss(self.generator(noisy, steps, prompt).float(), target.float())}
+
+    @torch.no_grad()
+    def condition(self, texts: torch.Tensor, dropped: torch.Tensor):
+        """The frozen text tower's reading of ``texts``, the ``dropped`` rows replaced by the empty
+        prompt (a :class:`~mmcli.models.generation.Prompt`)."""
+        from mmcli.models.generation import read_prompts
+
+        texts = torch.where(dropped[:, None], self.empty_prompt[:, : texts.shape[1]], texts)
+        return read_prompts(self.model, texts)
+
+    def after_step(self) -> None:
+        """Updates the moving average of the generator's weights; the next step draws anew."""
+        self.generator.update_ema()
+        self.step, self.micro_batch = self.step + 1, 0
+
+    def log_values(self) -> dict[str, float]:
+        """Nothing beside the loss (the dual encoder is frozen)."""
+        return {}
