@@ -283,6 +283,65 @@ def caption(
 
 
 @app.command()
+def generate(
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt (or give --prompts FILE).", show_default=False)
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="A run folder trained by mmcli fuse with task: generate.", show_default=False)
+    ] = ...,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            help="A new folder: one PNG per picture, sheet.png and generated.jsonl (prompt, seed, file, settings).",
+            show_default=False,
+        ),
+    ] = ...,
+    prompts_file: Annotated[
+        str | None, typer.Option("--prompts", help="A text file of prompts, one a line.", show_default=False)
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Pictures per prompt.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps (ddpm: every training timestep).")] = 25,
+    guidance: Annotated[
+        float,
+        typer.Option("--guidance", help="Classifier-free guidance scale: 0 ignores the prompt, 1 plain conditional."),
+    ] = 3.0,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="ddim (deterministic), dpm (DPM-Solver++, deterministic) or ddpm.")
+    ] = "ddim",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Each picture's noise comes from (seed, prompt, sample number).")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures denoised together.")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw pictures of prompts with a text-to-image run (mmcli fuse, task: generate).
+
+    The same seed gives the same pictures. OUT must be new (or empty): the
+    pictures go to OUT.partial and are renamed to OUT only when all are written.
+    """
+    with reported_errors():
+        from mmcli.commands.generate import run
+        from mmcli.commands.render import render_generate_summary
+
+        result = run(
+            prompt,
+            out,
+            model=model,
+            prompts_file=prompts_file,
+            n=n,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seed=seed,
+            batch_size=batch_size,
+            device=State.device,
+        )
+        emit(result, as_json, render_generate_summary)
+
+
+@app.command()
 def retrieve(
     query: Annotated[
         str | None, typer.Argument(help="A text, or an image file (detected by its suffix).", show_default=False)
@@ -359,7 +418,7 @@ def fuse(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train or apply a fusion head (VQA answer classification or image–text matching) on a pretrained run."""
+    """Train on a pretrained run: a fusion head (VQA, ITM) or a text-to-image generator (task: generate)."""
     with reported_errors():
         from mmcli.commands.fuse import run
         from mmcli.commands.render import render_fuse_summary

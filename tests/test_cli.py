@@ -7,7 +7,18 @@ import os
 import subprocess
 import sys
 
-COMMANDS = [[], ["data"], ["data", "shapes"], ["pretrain"], ["embed"], ["retrieve"], ["fuse"], ["caption"], ["eval"]]
+COMMANDS = [
+    [],
+    ["data"],
+    ["data", "shapes"],
+    ["pretrain"],
+    ["embed"],
+    ["retrieve"],
+    ["fuse"],
+    ["caption"],
+    ["generate"],
+    ["eval"],
+]
 
 
 def _run(args, env=None, cwd=None):

@@ -38,12 +38,14 @@ ALLOWED_ACROSS = {
     ("evaluation", "retrieval"),
     ("evaluation", "viz"),
     ("inference", "retrieval"),
+    ("inference", "viz"),
     ("models", "data"),
     ("io", "errors"),
 }
 """Imports between parts of the same rank, each allowed in one direction only: evaluation embeds
 with the retrieval stage's code and draws its confusion matrices with viz; inference (captions)
-reads its inputs with the retrieval stage's loaders and names its shards as an index's; model
+reads its inputs with the retrieval stage's loaders and names its shards as an index's, and draws
+its sheets (generate) with viz; model
 heads use the data stage's ignore index of masking."""
 
 MAX_TOP_LEVEL = 6

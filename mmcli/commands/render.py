@@ -181,6 +181,28 @@ def render_caption_summary(result: dict[str, Any]) -> None:
     _print_skipped(result["skipped"])
 
 
+def render_generate_summary(result: dict[str, Any]) -> None:
+    """What ``mmcli generate`` wrote: its first pictures, the folder, model, settings and speed."""
+    table = Table(title=f"first pictures in {result['out']}", title_justify="left")
+    for column in ("file", "prompt", "noise seed"):
+        table.add_column(column, overflow="fold")
+    for row in result["first_rows"]:
+        table.add_row(Text(row["file"]), Text(row["prompt"]), str(row["noise_seed"]))
+    console.print(table)
+    settings = result["settings"]
+    rows = [
+        ("folder", result["out"]),
+        ("sheet", result["sheet"]),
+        ("model", f"{result['model']['ref']} ({result['model']['arch']})"),
+        ("sampler", f"{settings['sampler']}, {settings['steps']} steps, guidance {settings['guidance']:g}"),
+        ("seed", settings["seed"]),
+        ("pictures", f"{result['pictures']} ({result['prompts']} prompt{'s' * (result['prompts'] != 1)})"),
+        ("seconds", result["seconds"]),
+        ("images/s", result["images_per_s"]),
+    ]
+    console.print(key_value_table("generate", rows))
+
+
 def render_retrieve(result: dict[str, Any]) -> None:
     """One table per query: rank, score and item of the top-k."""
     for query in result["queries"]:
@@ -218,9 +240,47 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+GENERATION_COLUMNS = (
+    ("single_object.exact_scene", "1-object exact"),
+    ("single_object.object_f1", "1-object F1"),
+    ("all.exact_scene", "exact"),
+    ("all.object_f1", "object F1"),
+    ("all.relation_accuracy", "relation acc"),
+    ("all.clip_score", "CLIP score"),
+    ("all.prompt_r1", "prompt R@1"),
+    ("images_per_s", "images/s"),
+)
+"""The generation task's table: (metric key under the row, column title)."""
+
+
+def render_generation_table(metrics: dict[str, Any], dataset: str) -> None:
+    """The generation task as one table: the real, conditional and unconditional rows."""
+    settings = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("settings.")}
+    title = (
+        f"text_to_image · {dataset} · {settings.get('prompts')} prompts × {settings.get('samples')} samples, "
+        f"{settings.get('sampler')} {settings.get('steps')} steps, guidance {settings.get('guidance')}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("row")
+    for _, header in GENERATION_COLUMNS:
+        table.add_column(header, justify="right")
+    for row in ("real", "conditional", "unconditional"):
+        if f"{row}.all.pictures" not in metrics:
+            continue
+        values = [metrics.get(f"{row}.{key}") for key, _ in GENERATION_COLUMNS]
+        table.add_row(row, *("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in values))
+    console.print(table)
+    for key in ("sheet", "pictures_file"):
+        if key in metrics:
+            console.print(f"{key.replace('_', ' ')}: {metrics[key]}", style="dim")
+
+
 def render_eval(result: dict[str, Any]) -> None:
     """A table per task of ``mmcli eval``: each metric (None shown as "n/a" with the reason)."""
     for entry in result["results"]:
+        if entry["task"] == "text_to_image":
+            render_generation_table(entry["metrics"], entry["dataset"])
+            continue
         rows = []
         for name, value in entry["metrics"].items():
             rows.append((name, "n/a" if value is None else value))
