@@ -38,6 +38,26 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+def signal_after_steps(monkeypatch, steps: int) -> None:
+    """Make the training loop send this process a real SIGINT after its ``steps``-th optimizer step
+    (the path a Ctrl-C takes: save, then stop); ``monkeypatch.undo()`` restores the loop."""
+    import signal
+
+    from mmcli.training.loop import _Loop
+
+    original = _Loop.step
+    calls = {"n": 0}
+
+    def step_then_signal(self, micro, number):
+        out = original(self, micro, number)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(_Loop, "step", step_then_signal)
+
+
 def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0, modules: dict | None = None) -> Path:
     """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save),
     with the extra ``modules`` given (see :mod:`mmcli.models.multimodal`)."""

@@ -182,7 +182,7 @@ def _caption_examples(path: str):
 def _train_generator(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     """``task: generate``: a text-to-image generator trained on the base run's frozen text tower."""
     from mmcli.data.examples import ExampleDataset, example_loader
-    from mmcli.data.images import SignedPixels
+    from mmcli.data.images import signed_pixels
     from mmcli.data.tokenize import Tokenize
     from mmcli.evaluation.generation import denoising_validator
     from mmcli.models.encoders import count_parameters
@@ -207,7 +207,7 @@ def _train_generator(spec: FuseSpec, world, resume: bool) -> dict[str, Any]:
     seed_everything(spec.train.seed)  # the generator's initial weights depend on the seed alone
     model = MultimodalModel(base.model.clip, modules).to(world.device)
     tokenize = Tokenize(base.tokenizer)
-    pixels = SignedPixels(modules["generator"]["image_size"])
+    pixels = signed_pixels(modules["generator"]["image_size"])
     dataset = ExampleDataset(_caption_examples(spec.data.train), [], pixels, tokenize)
     per_rank = spec.data.batch_size // world.world_size
     loaders, per_epoch = _training_loaders(spec, dataset, world)

@@ -167,19 +167,17 @@ def _reason(exc: Exception) -> str:
     return f"undecodable ({detail})"
 
 
-class SignedPixels:
-    """PIL image → float tensor [3, size, size] with values in [-1, 1] (what a pixel-space
-    diffusion model denoises); an image of another size is resized (Lanczos: area-preserving
-    when it shrinks), never cropped, so nothing a caption names can be cut away. A class, not a
-    closure, so that DataLoader workers can receive it."""
+def signed_pixels(size: int):
+    """PIL image (8-bit RGB, as :func:`load_image` returns) → float tensor [3, size, size] with
+    values in [-1, 1], what a pixel-space diffusion model denoises. torchvision's transforms: an
+    image of another size is resized (Lanczos, antialiased when it shrinks), never cropped, so
+    nothing a caption names is cut away."""
+    from torchvision import transforms
 
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: Image.Image):
-        import torch
-
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
-        array = np.asarray(to_rgb(image), dtype=np.float32)
-        return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return transforms.Compose(
+        [
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.LANCZOS),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.5] * 3, std=[0.5] * 3),
+        ]
+    )

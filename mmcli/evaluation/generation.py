@@ -30,10 +30,10 @@ from mmcli.evaluation.captioning_metrics import relation_is_true
 from mmcli.models.generation import (
     SampleSettings,
     draw_all,
+    encode_prompts,
     noise_schedule,
     predict,
     prompt_tokens,
-    read_prompts,
     require_generator,
 )
 
@@ -57,7 +57,7 @@ def denoising_validator(loader, device, *, seed: int) -> Callable:
         for batch in loader:
             batch = to_device(batch, device)
             images = batch["images"]
-            prompt = read_prompts(model, batch["texts"])
+            prompt = encode_prompts(model, batch["texts"])
             for level in levels.tolist():
                 noise = torch.randn(images.shape, generator=draws).to(device)
                 steps = torch.full((images.shape[0],), level, device=device, dtype=torch.long)

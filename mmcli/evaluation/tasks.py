@@ -136,8 +136,9 @@ def _captioning(ctx: EvalContext, spec) -> dict[str, Any]:
 def _generation(ctx: EvalContext, spec) -> dict[str, Any]:
     from mmcli.evaluation.generation import evaluate_generation
 
-    raw = evaluate_generation(ctx.loaded, spec, device=ctx.device, batch_size=ctx.batch_size, output=ctx.output)
-    return flatten({k: v for k, v in raw.items() if k != "sheet_rows"})
+    return flatten(
+        evaluate_generation(ctx.loaded, spec, device=ctx.device, batch_size=ctx.batch_size, output=ctx.output)
+    )
 
 
 EVAL_TASKS: dict[str, EvalTask] = {

@@ -193,7 +193,7 @@ def predict(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, promp
     return unet(noisy, timesteps, encoder_hidden_states=prompt.states, class_labels=prompt.pooled).sample
 
 
-def read_prompts(model, texts: torch.Tensor) -> Prompt:
+def encode_prompts(model, texts: torch.Tensor) -> Prompt:
     """The frozen text tower's reading of ``texts`` (token ids [B, L]) for ``model``'s generator."""
     pooled = model.encode_text(texts, normalize=True) if model.generator.cfg.get("pooled_dim") else None
     return Prompt(model.prompt_states(texts), pooled)
@@ -324,8 +324,8 @@ def draw(
     size = generator.image_size
     x = torch.stack([torch.randn(3, size, size, generator=g) for g in draws]).to(device) * schedule.init_noise_sigma
     w = float(settings.guidance)
-    conditional = read_prompts(model, tokens.to(device)) if w != 0 else None
-    unconditional = read_prompts(model, empty.reshape(1, -1).to(device)).expand(len(seeds)) if w != 1 else None
+    conditional = encode_prompts(model, tokens.to(device)) if w != 0 else None
+    unconditional = encode_prompts(model, empty.reshape(1, -1).to(device)).expand(len(seeds)) if w != 1 else None
     for t in schedule.timesteps:
         eps = guided_noise(unet, schedule.scale_model_input(x, t), t, conditional, unconditional, w)
         x = schedule.step(eps, t, x, generator=draws if settings.sampler == "ddpm" else None).prev_sample

@@ -172,10 +172,10 @@ class GenerationTask(TrainingTask):
     def condition(self, texts: torch.Tensor, dropped: torch.Tensor):
         """The frozen text tower's reading of ``texts``, the ``dropped`` rows replaced by the empty
         prompt (a :class:`~mmcli.models.generation.Prompt`)."""
-        from mmcli.models.generation import read_prompts
+        from mmcli.models.generation import encode_prompts
 
         texts = torch.where(dropped[:, None], self.empty_prompt[:, : texts.shape[1]], texts)
-        return read_prompts(self.model, texts)
+        return encode_prompts(self.model, texts)
 
     def after_step(self) -> None:
         """Updates the moving average of the generator's weights; the next step draws anew."""

@@ -58,9 +58,15 @@ def generator_run(tmp_path_factory, nano_run, shapes_dir) -> Path:
 
 
 def test_a_generate_run_keeps_the_base_text_tower_and_logs_the_denoising_loss(generator_run, nano_run):
+    import open_clip
+
     from mmcli.models.loading import load_model
 
     run, base = load_model(str(generator_run)), load_model(str(nano_run))
+    plain = open_clip.create_model(f"local-dir:{generator_run}").eval()  # still a CLIP run folder
+    texts = base.tokenizer(["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(plain.encode_text(texts), base.model.encode_text(texts, normalize=False))
     meta = json.loads((generator_run / "mmcli.json").read_text())
     assert meta["task"] == "generate" and meta["modules"]["generator"]["text_dim"] == 64
     assert meta["modules"]["generator"]["pooled_dim"] == 32
@@ -134,31 +140,18 @@ def test_an_interrupted_and_resumed_generate_run_equals_one_trained_straight(
 ):
     """The noise, timesteps and dropped captions come from the seeded global generator, which the
     checkpoint carries: stopped by a real SIGINT after step 2 and resumed, the run ends bit-identical."""
-    import os
-    import signal
-
     from mmcli.commands.fuse import run
-    from mmcli.training.loop import _Loop
+    from tests.conftest import signal_after_steps
 
     straight_dir = tmp_path / "straight"
     straight_dir.mkdir()
     straight = run(_spec(straight_dir, nano_run, shapes_dir), [], device="cpu")
 
-    original = _Loop.step
-    calls = {"n": 0}
-
-    def step_then_signal(self, micro, number):
-        out = original(self, micro, number)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: save, then stop
-        return out
-
-    monkeypatch.setattr(_Loop, "step", step_then_signal)
+    signal_after_steps(monkeypatch, 2)
     path = _spec(tmp_path, nano_run, shapes_dir)
     first = run(path, [], device="cpu")
     assert first["interrupted"] and first["steps"] == 2
-    monkeypatch.setattr(_Loop, "step", original)
+    monkeypatch.undo()
     resumed = run(path, [], resume=True, device="cpu")
     assert not resumed["interrupted"] and resumed["steps"] == 3
     from safetensors.torch import load_file

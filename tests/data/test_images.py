@@ -186,3 +186,25 @@ def test_randomly_damaged_files_give_an_rgb_image_or_bad_image(format):
             assert image.mode == "RGB" and image.width * image.height <= 50_000
             outcomes.add("ok")
     assert "bad" in outcomes
+
+
+def test_signed_pixels_map_0_and_255_to_minus_one_and_one_and_resize_without_cropping():
+    import numpy as np
+    from PIL import Image
+
+    from mmcli.data.images import signed_pixels
+
+    array = np.zeros((4, 4, 3), dtype=np.uint8)
+    array[0, 0] = (255, 0, 51)
+    out = signed_pixels(4)(Image.fromarray(array))
+    assert out.shape == (3, 4, 4)
+    assert out[:, 0, 0].tolist() == [1.0, -1.0, pytest.approx(51 / 127.5 - 1)]
+    assert float(out[:, 1:, 1:].max()) == -1.0
+    stripes = np.zeros((6, 24, 3), dtype=np.uint8)  # red | green | blue, 8 columns each
+    for k in range(3):
+        stripes[:, 8 * k : 8 * (k + 1), k] = 255
+    wide = signed_pixels(6)(Image.fromarray(stripes))
+    assert wide.shape == (3, 6, 6)
+    # squeezed, not cropped: the outer stripes are still there, at the edges
+    assert wide[:, :, 0].mean(dim=1).argmax() == 0 and wide[:, :, -1].mean(dim=1).argmax() == 2
+    assert wide[:, :, 3].mean(dim=1).argmax() == 1

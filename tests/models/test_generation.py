@@ -17,12 +17,12 @@ from mmcli.models.generation import (
     build_unet,
     draw,
     draw_all,
+    encode_prompts,
     guided_noise,
     noise_schedule,
     picture_seed,
     predict,
     prompt_tokens,
-    read_prompts,
 )
 
 TINY = {
@@ -197,7 +197,7 @@ def test_a_prompt_the_text_tower_cannot_read_whole_is_an_error(tiny_run):
 def test_prompts_are_read_by_the_frozen_text_tower(tiny_run):
     texts = tiny_run.tokenizer(["a red circle", "a blue square"])
     with torch.no_grad():
-        prompt = read_prompts(tiny_run.model, texts)
+        prompt = encode_prompts(tiny_run.model, texts)
         torch.testing.assert_close(prompt.states, tiny_run.model.prompt_states(texts))
         torch.testing.assert_close(prompt.pooled, tiny_run.model.encode_text(texts, normalize=True))
         # the causal states are those inside encode_text: the pooled embedding is their EOT state, projected

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -123,25 +121,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, shapes_dir, monk
     from safetensors.torch import load_file
 
     from mmcli.commands.pretrain import run
-    from mmcli.training.loop import _Loop
+    from tests.conftest import signal_after_steps
 
     full = run(write_spec(tmp_path, shapes_dir, steps=6, name="full"), [], device="cpu")
 
-    original = _Loop.step
-    calls = {"n": 0}
-
-    def step_then_signal(self, micro, number):
-        out = original(self, micro, number)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: save, then stop
-        return out
-
-    monkeypatch.setattr(_Loop, "step", step_then_signal)
+    signal_after_steps(monkeypatch, 3)
     spec = write_spec(tmp_path, shapes_dir, steps=6, name="split")
     first = run(spec, [], device="cpu")
     assert first["interrupted"] and first["steps"] == 3
-    monkeypatch.setattr(_Loop, "step", original)
+    monkeypatch.undo()
     second = run(spec, [], resume=True, device="cpu")
     assert not second["interrupted"] and second["steps"] == 6
 
