@@ -23,9 +23,11 @@ def run(
     batch_size: int = 64,
     workers: int = 2,
     overwrite: bool = False,
+    update: bool = False,
     draft: bool = True,
     image_key: str = DEFAULT_IMAGE_KEY,
     text_key: str = DEFAULT_TEXT_KEY,
+    keep_columns: tuple[str, ...] = (),
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -34,30 +36,45 @@ def run(
     One process at a time writes ``out`` (it holds ``out.lock``; a second one is refused). Re-running
     the same job into the same ``out`` resumes an interrupted run (the model defaults to the one it
     was started with); another job (input, keys, dtype, decoding, model) is refused.
-    ``overwrite`` starts over and replaces a complete index.
+    ``overwrite`` starts over and replaces a complete index; ``update`` brings a complete index up
+    to date, embedding only new and changed items (:mod:`mmcli.retrieval.incremental`).
     """
     from mmcli.distributed import resolve_device
     from mmcli.models.loading import load_model
+    from mmcli.retrieval import incremental
     from mmcli.retrieval.embedding import rank_and_world, resolve_inputs
 
     rank, world = rank_and_world()
     if not str(out).endswith(".npy"):
         raise MmcliError(f"--out {out}: the index file name must end with .npy")
+    if update and overwrite:
+        raise MmcliError("--update and --overwrite: choose one (update keeps unchanged rows, overwrite re-embeds all)")
+    if update and world > 1:
+        raise MmcliError("--update: a sharded (torchrun) index cannot be updated in place; update it in one process")
     target = ix.shard_path(str(out), rank, world) if world > 1 else str(out)
-    inputs = resolve_inputs(path, modality, image_key=image_key, text_key=text_key)
+    inputs = resolve_inputs(path, modality, image_key=image_key, text_key=text_key, keep_columns=keep_columns)
+    if update and inputs.urls is not None:
+        raise MmcliError(f"--update: {path} is webdataset shards, which are re-embedded whole; use --overwrite")
     with ix.writer_lock(target) as lock:  # before reading the partial output another run may be writing
         state = None if overwrite else ix.IndexWriter.resume_state(target)
-        ref = model or (state.meta["model"]["ref"] if state else None)
+        old = ix.open_index(target) if update and ix.index_exists(target) else None
+        ref = model or (state.meta["model"]["ref"] if state else old.meta["model"]["ref"] if old else None)
         if ref is None:
             raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         loaded = load_model(ref, device=dev)
         meta, job = _describe(path, inputs, loaded, dtype=dtype, draft=draft, image_key=image_key, text_key=text_key)
+        stats = incremental.item_stats(inputs.items or [], inputs.modality)
+        plan = None
+        if old is not None:
+            incremental.check_compatible(old, meta, dtype, loaded.checksum)
+            plan = incremental.plan_update(old, inputs.items, stats, inputs.modality)
         start = time.perf_counter()
-        batches, capacity = _batches(
+        batches, capacity, todo = _batches(
             inputs,
             loaded,
             state,
+            plan,
             rank=rank,
             world=world,
             batch_size=batch_size,
@@ -67,13 +84,23 @@ def run(
         )
         dim = loaded.model.clip.visual.output_dim
         resumed = state.rows + len(state.skipped) if state else 0
+        metadata = incremental.metadata_source(inputs.items, stats) if inputs.items is not None else None
         with ix.IndexWriter(
-            target, dim=dim, dtype=dtype, capacity=capacity, meta=meta, overwrite=overwrite, job=job, lock=lock
+            target,
+            dim=dim,
+            dtype=dtype,
+            capacity=capacity,
+            meta=meta,
+            overwrite=overwrite,
+            replace=update,
+            job=job,
+            lock=lock,
+            metadata=metadata,
         ) as writer:
-            new = _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
+            _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
     seconds = time.perf_counter() - start
     return {
-        "out": target,
+        "out": os.path.abspath(target),
         "rank": rank,
         "world_size": world,
         "model": meta["model"],
@@ -84,8 +111,10 @@ def run(
         "count": writer.rows_done,
         "skipped": writer.skipped,
         "resumed_from": resumed,
+        "embedded": todo,
+        "update": plan.summary() if plan else None,
         "seconds": round(seconds, 3),
-        "items_per_s": round(new / seconds, 1) if seconds > 0 else None,
+        "items_per_s": round(todo / seconds, 1) if seconds > 0 and todo else None,
         "device": str(dev),
         "is_main": rank == 0,
     }
@@ -119,33 +148,43 @@ def _describe(
 
 
 def _batches(
-    inputs, loaded, state, *, rank: int, world: int, batch_size: int, workers: int, draft: bool, device
-) -> tuple[Iterator, int]:
-    """This rank's batches of not-yet-embedded items and the number of items of this rank."""
+    inputs, loaded, state, plan, *, rank: int, world: int, batch_size: int, workers: int, draft: bool, device
+) -> tuple[Iterator, int, int]:
+    """This rank's batches of the items not yet written (rows an update keeps are copied, the others
+    embedded), the number of items of this rank, and how many of them are embedded."""
     from mmcli.retrieval.embedding import encode_image_batches, encode_text_batches, image_batches, rank_share
+    from mmcli.retrieval.incremental import merge_rows
 
     done = set(state.items) | {s["item"] for s in state.skipped} if state else set()
+    kept = plan.kept if plan else {}
     if inputs.urls is not None and inputs.modality != "image":
         raise MmcliError(
             f"{inputs.root}: embedding the texts of webdataset shards is not supported; export them to a text file"
         )
     if inputs.modality == "text":
         mine = rank_share(inputs.items, rank, world)
-        todo = [item for item in mine if item.key not in done]
-        return encode_text_batches(loaded.model, loaded.tokenizer, todo, batch_size=batch_size, device=device), len(
-            mine
+        embed = [item for item in mine if item.key not in done and item.key not in kept]
+        batches = encode_text_batches(loaded.model, loaded.tokenizer, embed, batch_size=batch_size, device=device)
+    else:
+        loader, total = image_batches(
+            inputs,
+            loaded.preprocess,
+            done=done | set(kept),
+            rank=rank,
+            world=world,
+            batch_size=batch_size,
+            workers=workers,
+            draft=draft,
         )
-    loader, total = image_batches(
-        inputs,
-        loaded.preprocess,
-        done=done,
-        rank=rank,
-        world=world,
-        batch_size=batch_size,
-        workers=workers,
-        draft=draft,
-    )
-    return encode_image_batches(loaded.model, loader, device), total
+        batches = encode_image_batches(loaded.model, loader, device)
+        if inputs.urls is not None:
+            return batches, total, total - len(done)
+        mine = rank_share(inputs.items, rank, world)
+        embed = [item for item in mine if item.key not in done and item.key not in kept]
+    if plan is not None:
+        todo = [item.key for item in mine if item.key not in done]
+        batches = merge_rows(todo, kept, plan.old.embeddings, batches)
+    return batches, len(mine), len(embed)
 
 
 def _write(writer: ix.IndexWriter, batches: Iterator, *, total: int, done: int, show: bool, unit: str) -> int:

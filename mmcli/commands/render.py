@@ -134,7 +134,16 @@ def render_embed_summary(result: dict[str, Any]) -> None:
     ]
     if result.get("resumed_from"):
         rows.append(("resumed after", f"{result['resumed_from']} items"))
-    rows += [("seconds", result["seconds"]), (f"{result['modality']}s/s", result["items_per_s"])]
+    if result.get("update"):
+        u = result["update"]
+        rows.append(
+            ("update", f"{u['new']} new, {u['changed']} changed, {u['deleted']} deleted, {u['unchanged']} kept")
+        )
+    rows += [
+        ("embedded", result["embedded"]),
+        ("seconds", result["seconds"]),
+        (f"{result['modality']}s/s", result["items_per_s"]),
+    ]
     console.print(key_value_table("embed", rows))
     _print_skipped(result["skipped"])
 
@@ -211,8 +220,12 @@ def render_retrieve(result: dict[str, Any]) -> None:
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
         table.add_column("item", overflow="fold")
+        captions = any(hit.get("caption") for hit in query["results"])
+        if captions:
+            table.add_column("caption", overflow="fold")
         for hit in query["results"]:
-            table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["item"])
+            cells = [str(hit["rank"]), f"{hit['score']:.4f}", hit["item"]]
+            table.add_row(*cells, *([hit.get("caption") or ""] if captions else []))
         console.print(table)
         if query.get("grid"):
             console.print(f"contact sheet: {query['grid']}")
@@ -221,6 +234,25 @@ def render_retrieve(result: dict[str, Any]) -> None:
     if search.get("recall_at_10") is not None:
         note += f" (recall@10 against exact search at build: {search['recall_at_10']:.3f})"
     console.print(note, style="dim")
+
+
+def render_duplicates(result: dict[str, Any]) -> None:
+    """Groups of near-duplicate rows: one table, a blank line between groups."""
+    table = Table(title=f"near duplicates (cosine ≥ {result['threshold']}) in {result['index']}", title_justify="left")
+    table.add_column("group", justify="right")
+    table.add_column("row", justify="right")
+    table.add_column("cosine to first", justify="right")
+    table.add_column("item", overflow="fold")
+    for n, group in enumerate(result["groups"], start=1):
+        for m, hit in enumerate(group["members"]):
+            table.add_row(str(n) if m == 0 else "", str(hit["row"]), f"{hit['score']:.4f}", hit["item"])
+        table.add_section()
+    console.print(table)
+    console.print(
+        f"{len(result['groups'])} groups, {result['rows_in_groups']} of {result['count']:,} rows, "
+        f"in {result['seconds']:.1f} s",
+        style="dim",
+    )
 
 
 def report_faiss_build(result: dict[str, Any]) -> None:

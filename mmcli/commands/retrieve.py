@@ -25,9 +25,12 @@ def run(
     grid: str | None = None,
     overwrite: bool = False,
     model: str | None = None,
+    threshold: float | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Top-``k`` items of ``index_path`` for each query; see the CLI help for the options.
+    """Top-``k`` items of ``index_path`` for each query (those scoring at least ``threshold``, when
+    given); see the CLI help for the options. Image rows carry their absolute ``path``; rows with
+    metadata their ``caption`` and kept columns.
 
     ``overwrite`` lets a contact sheet replace a file mmcli did not write (see :func:`check_grid_paths`).
     """
@@ -41,22 +44,68 @@ def run(
     scores, ids = search(vectors, k)
     out = []
     for n, q in enumerate(queries):
-        hits = [
-            {"rank": r + 1, "score": float(s), "row": int(i), "item": index.items[int(i)]}
-            for r, (s, i) in enumerate(zip(scores[n], ids[n]))
-            if i >= 0
-        ]
+        kept = [(float(s), int(i)) for s, i in zip(scores[n], ids[n]) if i >= 0]
+        hits = describe_rows(index, [i for s, i in kept if threshold is None or s >= threshold], kept)
         entry = {"query": q, "is_image": image or is_image_query(q), "results": hits}
         if grid:
             entry["grid"] = str(write_grid(index, hits, grid_path(grid, n, len(queries)), title=q))
         out.append(entry)
     return {
-        "index": index_path,
+        "index": os.path.abspath(index_path),
+        "root": index.meta.get("root"),
         "count": len(index),
         "model": index.meta["model"],
         "k": k,
+        "threshold": threshold,
         "search": search.describe(),
         "queries": out,
+    }
+
+
+def describe_rows(index: ix.Index, rows: list[int], scored: list[tuple[float, int]] | None = None) -> list[dict]:
+    """Result dicts of ``rows`` (best first): rank, score (from ``scored``), row, item, the absolute
+    path of an image file, and the caption and kept columns of the index's metadata."""
+    score = {i: s for s, i in scored or []}
+    files = has_image_files(index)
+    metadata = index.metadata.rows(rows) if index.metadata is not None else [{} for _ in rows]
+    hits = []
+    for rank, (row, meta) in enumerate(zip(rows, metadata), start=1):
+        item, meta = index.items[row], dict(meta)
+        hit = {"rank": rank, "score": score.get(row), "row": row, "item": item}
+        hit["path"] = index.item_path(item) if files else None
+        hit["caption"] = meta.pop("caption", None)
+        hit["metadata"] = meta
+        hits.append(hit)
+    return hits
+
+
+def has_image_files(index: ix.Index) -> bool:
+    """Whether the rows of ``index`` are image files (not texts, not members of webdataset shards)."""
+    return index.meta.get("modality") == "image" and index.meta.get("source", {}).get("format") != "webdataset"
+
+
+def run_duplicates(index_path: str, *, threshold: float = 0.95) -> dict[str, Any]:
+    """Groups of near-duplicate rows of ``index_path`` (:mod:`mmcli.retrieval.duplicates`)."""
+    import time
+
+    from mmcli.retrieval.duplicates import near_duplicates
+
+    index = ix.open_index(index_path)
+    start = time.perf_counter()
+    groups = near_duplicates(index.embeddings, threshold)
+    seconds = time.perf_counter() - start
+    described = []
+    for group in groups:
+        hits = describe_rows(index, group.rows, list(zip(group.scores, group.rows)))
+        described.append({"rows": group.rows, "members": hits})
+    return {
+        "index": os.path.abspath(index_path),
+        "root": index.meta.get("root"),
+        "count": len(index),
+        "threshold": threshold,
+        "groups": described,
+        "rows_in_groups": sum(len(g.rows) for g in groups),
+        "seconds": round(seconds, 3),
     }
 
 
@@ -89,7 +138,7 @@ def check_grid_paths(index: ix.Index, paths: list[Path], *, overwrite: bool) -> 
     """
     from mmcli.viz.grid import is_contact_sheet
 
-    if index.meta.get("modality") != "image" or index.meta.get("source", {}).get("format") == "webdataset":
+    if not has_image_files(index):
         raise MmcliError(
             f"--grid: {index.path} does not hold image files (a {index.meta.get('modality')} index"
             f"{' of webdataset shards' if index.meta.get('modality') == 'image' else ''})"
@@ -97,7 +146,7 @@ def check_grid_paths(index: ix.Index, paths: list[Path], *, overwrite: bool) -> 
     own = {
         os.path.realpath(f + suffix)
         for f in (index.path, *index.files)
-        for suffix in ("", ".json", ".faiss", ".faiss.json")
+        for suffix in ("", ".json", ".parquet", ".faiss", ".faiss.json")
     }
     for path in paths:
         if not os.path.lexists(path):

@@ -9,10 +9,11 @@ each batch comes back as ``(keys, embeddings, bad)`` so that a caller can stream
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,13 @@ from mmcli.spec import SourceSpec
 @dataclass(frozen=True)
 class Item:
     """One thing to embed: ``key`` names its row in the index (a path relative to the input, or
-    the text itself); ``source`` is what is decoded (an absolute image path, or the text)."""
+    the text itself); ``source`` is what is decoded (an absolute image path, or the text);
+    ``caption`` and ``columns`` (kept columns of a dataset file's row) go into the index's metadata."""
 
     key: str
     source: str
+    caption: str | None = field(default=None, compare=False)
+    columns: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,24 @@ def input_format(path: str) -> str:
 
 
 def resolve_inputs(
-    path: str, modality: str = "auto", *, image_key: str = DEFAULT_IMAGE_KEY, text_key: str = DEFAULT_TEXT_KEY
+    path: str,
+    modality: str = "auto",
+    *,
+    image_key: str = DEFAULT_IMAGE_KEY,
+    text_key: str = DEFAULT_TEXT_KEY,
+    keep_columns: tuple[str, ...] = (),
 ) -> Inputs:
     """The items (or shards) of ``path`` for ``modality`` (``auto``, ``image`` or ``text``).
 
     ``auto`` embeds images, except for a text file. Keys are unique: relative paths for images
-    (the same image listed twice in a dataset file is embedded once), texts for texts.
+    (the same image listed twice in a dataset file is embedded once, with its first row's caption
+    and ``keep_columns``), texts for texts. A folder's images carry their same-name ``.txt`` caption.
     """
     fmt = input_format(path)
     if modality == "auto":
         modality = "text" if fmt == "text" else "image"
+    if keep_columns and fmt not in KEYED_FORMATS:
+        raise MmcliError(f"--keep-columns: {path} is a {fmt}, which has no columns (only CSV, TSV and JSONL do)")
     if fmt == "text":
         if modality == "image":
             raise MmcliError(f"{path}: a text file holds texts; use --modality text or auto")
@@ -97,32 +109,66 @@ def resolve_inputs(
         )
     spec = SourceSpec(path=path, format=fmt, image_key=image_key, text_key=text_key)
     records = read_records(spec)
+    _check_kept_columns(path, records, keep_columns, reserved=(image_key, text_key))
     root = Path(path).expanduser().resolve().parent
     if modality == "image":  # every image must lie under the root: items never climb out of it
         root = Path(os.path.commonpath([str(root), *(os.path.dirname(_real(r.image)) for r in records)]))
-    return Inputs(fmt, modality, str(root), items=dataset_items(records, root, modality))
+    return Inputs(fmt, modality, str(root), items=dataset_items(records, root, modality, keep_columns))
 
 
 def folder_items(root: Path) -> list[Item]:
-    """Every image file under ``root`` (recursive, any letter case of the suffix), sorted."""
+    """Every image file under ``root`` (recursive, any letter case of the suffix), sorted, each with
+    the text of its same-name ``.txt`` file as caption when there is one."""
     if not root.is_dir():
         raise MmcliError(f"{root}: no such folder")
     paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
     if not paths:
         raise MmcliError(f"{root}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return [Item(p.relative_to(root).as_posix(), str(p)) for p in paths]
+    return [Item(p.relative_to(root).as_posix(), str(p), caption=_sidecar_caption(p)) for p in paths]
 
 
-def dataset_items(records: list[Record], root: Path, modality: str) -> list[Item]:
+def _sidecar_caption(image: Path) -> str | None:
+    try:
+        text = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None  # no caption (or an unreadable one) leaves the row without: it is still embedded
+    return text or None
+
+
+def dataset_items(records: list[Record], root: Path, modality: str, keep_columns: tuple[str, ...] = ()) -> list[Item]:
     """The images (deduplicated, keyed by their path relative to ``root``, which holds them all)
-    or the captions of the records of a CSV/TSV/JSONL dataset file."""
+    or the captions of the records of a CSV/TSV/JSONL dataset file, each with its first record's
+    caption and ``keep_columns`` (as text: JSON for a JSONL value that is not a string)."""
+
+    def kept(r: Record) -> dict[str, str] | None:
+        if not keep_columns:
+            return None
+        return {c: _as_text(r.meta.get(c)) for c in keep_columns}
+
     if modality == "text":
-        return [Item(r.text, r.text) for r in records]
+        return [Item(r.text, r.text, columns=kept(r)) for r in records]
     seen: dict[str, Item] = {}
     for r in records:
         key = os.path.relpath(_real(r.image), root).replace(os.sep, "/")
-        seen.setdefault(key, Item(key, r.image))
+        if key not in seen:
+            seen[key] = Item(key, r.image, caption=r.text, columns=kept(r))
     return list(seen.values())
+
+
+def _as_text(value: Any) -> str | None:
+    # A JSONL value that is not a string (a number, a list, an object) is kept as its JSON text.
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _check_kept_columns(path: str, records: list[Record], keep: tuple[str, ...], *, reserved: tuple[str, ...]) -> None:
+    from mmcli.retrieval.index.metadata import RESERVED
+
+    for column in keep:
+        if column in RESERVED or column in reserved:
+            raise MmcliError(f"--keep-columns {column}: already stored (as the item or its caption); leave it out")
+        if column not in records[0].meta:
+            have = ", ".join(records[0].meta) or "none"
+            raise MmcliError(f"--keep-columns {column}: {path} has no such column (it has: {have})")
 
 
 def _real(image: str) -> str:
@@ -364,13 +410,22 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def embed_image_file(loaded, path: str, *, draft: tuple[int, int] | None, device: torch.device) -> np.ndarray:
-    """One image file embedded exactly as ``mmcli embed`` embeds the rows of an index (the same
-    decoding at ``draft``, transform, autocast and renormalisation), so that an indexed image
-    queried by itself scores 1. Raises :class:`~mmcli.data.images.BadImage` for an unusable file."""
-    key, pixels, reason = decode(path, path, loaded.preprocess, draft, DEFAULT_MAX_PIXELS)
+def embed_image_file(
+    loaded,
+    source: str | bytes,
+    *,
+    draft: tuple[int, int] | None,
+    device: torch.device,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """One image (a file, or a file's bytes) embedded exactly as ``mmcli embed`` embeds the rows of
+    an index (the same decoding at ``draft``, transform, autocast and renormalisation), so that an
+    indexed image queried by itself scores 1. Raises :class:`~mmcli.data.images.BadImage` for an
+    unusable image, including one of more than ``max_pixels`` pixels."""
+    key = source if isinstance(source, str) else "upload"
+    key, pixels, reason = decode(key, source, loaded.preprocess, draft, max_pixels)
     if pixels is None:
-        raise BadImage(reason, path)
+        raise BadImage(reason, key)
     ((_, emb, _),) = encode_image_batches(loaded.model, [collate_items([(key, pixels, reason)])], device)
     return emb[0]
 

@@ -79,19 +79,32 @@ class QueryEncoder:
         return emb.float().cpu().numpy()
 
     def _encode_image(self, path: str):
-        # Decoded as embed decoded the index's images (the sidecar's ``decode``: JPEG draft mode or
-        # not), then encoded by embed's own function: an indexed image finds itself with score 1.
-        from mmcli.data.images import BadImage
-        from mmcli.retrieval.embedding import embed_image_file, recorded_draft
-
         if not os.path.isfile(path):
             raise MmcliError(f"{path}: no such image file")
+        return self.encode_image(path, name=path)
+
+    def encode_image(self, source: str | bytes, *, name: str, max_pixels: int | None = None):
+        """One image (a file or its bytes, called ``name`` in errors) as an L2-normalised float32 row.
+
+        Decoded as embed decoded the index's images (the sidecar's ``decode``: JPEG draft mode or
+        not), then encoded by embed's own function: an indexed image finds itself with score 1.
+        """
+        from mmcli.data.images import DEFAULT_MAX_PIXELS, BadImage
+        from mmcli.retrieval.embedding import embed_image_file, recorded_draft
+
         loaded = self._loaded()
         draft = recorded_draft(self.index.meta, loaded.preprocess, where=ix.sidecar_path(self.index.path))
         try:
-            return embed_image_file(loaded, path, draft=draft, device=self._torch_device())
+            return embed_image_file(
+                loaded, source, draft=draft, device=self._torch_device(), max_pixels=max_pixels or DEFAULT_MAX_PIXELS
+            )
         except BadImage as exc:
-            raise MmcliError(f"{path}: cannot use this image as a query ({exc.reason})") from None
+            raise MmcliError(f"{name}: cannot use this image as a query ({exc.reason})") from None
+
+    def warm_up(self) -> None:
+        """Load what text and image queries need now, not on the first query."""
+        self._encode_texts(["warm up"])
+        self._loaded()
 
     def _loaded(self):
         if self._full is None:

@@ -146,7 +146,7 @@ def _embed_interrupted_at_the_second_batch(corpus, out: str, nano_run, monkeypat
 def test_complete_index_needs_overwrite(corpus, nano_run, tmp_path):
     out = str(tmp_path / "emb.npy")
     embed(str(corpus / "sub"), out, model=str(nano_run), workers=0, progress=False)
-    with pytest.raises(MmcliError, match="already exists; pass --overwrite"):
+    with pytest.raises(MmcliError, match="already exists; pass --update .* or --overwrite"):
         embed(str(corpus / "sub"), out, model=str(nano_run), workers=0, progress=False)
     result = embed(str(corpus), out, model=str(nano_run), workers=0, overwrite=True, progress=False)
     assert result["count"] == 8 and len(ix.open_index(out)) == 8

@@ -160,7 +160,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
 
 def test_existing_index_needs_overwrite(tmp_path):
     path = write_index(tmp_path / "emb.npy", unit_rows(3, 4))
-    with pytest.raises(MmcliError, match=r"emb\.npy already exists; pass --overwrite"):
+    with pytest.raises(MmcliError, match=r"emb\.npy already exists; pass --update .* or --overwrite"):
         ix.IndexWriter(path, dim=4, capacity=3, meta=META)
     replacement = unit_rows(2, 4, seed=1)
     write_index(path, replacement, overwrite=True)

@@ -207,6 +207,7 @@ def test_grid_refuses_sidecar_items_outside_the_index_root(photo_index, tmp_path
     meta["items"] = [item if n == 0 else it for n, it in enumerate(meta["items"])]
     with open(photo_index + ".json", "w") as f:
         json.dump(meta, f)
+    os.remove(photo_index + ".parquet")  # else its items, no longer the sidecar's, are refused first
     out = tmp_path / "grid.png"
     with pytest.raises(MmcliError, match=r"emb\.npy\.json: item .* is not a path inside the index root"):
         retrieve("a red circle", index_path=photo_index, k=3, grid=str(out))

@@ -11,7 +11,8 @@ nowhere), so that commands which read an index start fast.
 One module per concern: :mod:`~mmcli.retrieval.index.files` (format constants, file names, the
 writer's lock), :mod:`~mmcli.retrieval.index.writer` (:class:`IndexWriter`), :mod:`~mmcli.retrieval.index.reader`
 (:func:`open_index`, :class:`Index`, :class:`RowConcat`) and :mod:`~mmcli.retrieval.index.search`
-(:func:`search_exact`, :func:`recall_at_k`). Import from ``mmcli.retrieval.index``; every public name is
+(:func:`search_exact`, :func:`recall_at_k`), :mod:`~mmcli.retrieval.index.metadata` (the Parquet file
+of per-row captions and file signatures). Import from ``mmcli.retrieval.index``; every public name is
 re-exported here. Private names live in their submodule: patch them there.
 """
 
@@ -28,7 +29,8 @@ from mmcli.retrieval.index.files import (
     sidecar_path,
     writer_lock,
 )
-from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat, open_index, read_sidecar
+from mmcli.retrieval.index.metadata import Metadata, file_stat, metadata_path, read_metadata
+from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat, open_index, read_sidecar, take_rows
 from mmcli.retrieval.index.search import iter_row_blocks, query_matrix, recall_at_k, search_exact
 from mmcli.retrieval.index.writer import IndexWriter, ResumeState
 
@@ -45,6 +47,11 @@ __all__ = [
     "shard_path",
     "sidecar_path",
     "writer_lock",
+    # metadata
+    "Metadata",
+    "file_stat",
+    "metadata_path",
+    "read_metadata",
     # writer
     "IndexWriter",
     "ResumeState",
@@ -54,6 +61,7 @@ __all__ = [
     "RowConcat",
     "open_index",
     "read_sidecar",
+    "take_rows",
     # search
     "iter_row_blocks",
     "query_matrix",

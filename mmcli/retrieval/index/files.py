@@ -20,8 +20,16 @@ DTYPES = ("float32", "float16")
 MODALITIES = ("image", "text")
 
 # The files an index is made of besides its ``.npy``: sidecar, partial rows and progress, a
-# writer's lock, FAISS file and its description.
-_INDEX_SUFFIXES = (".npy.json", ".npy.partial", ".npy.partial.json", ".npy.lock", ".npy.faiss", ".npy.faiss.json")
+# writer's lock, metadata (Parquet), FAISS file and its description.
+_INDEX_SUFFIXES = (
+    ".npy.json",
+    ".npy.parquet",
+    ".npy.partial",
+    ".npy.partial.json",
+    ".npy.lock",
+    ".npy.faiss",
+    ".npy.faiss.json",
+)
 
 _SHARD_RE = re.compile(r"^(?P<stem>.+)\.rank(?P<rank>\d{5})-of-(?P<world>\d{5})\.npy$")
 

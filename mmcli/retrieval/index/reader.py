@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from mmcli.retrieval.index.files import (
     shard_path,
     sidecar_path,
 )
+from mmcli.retrieval.index.metadata import Metadata, read_metadata
 
 # --------------------------------------------------------------------------------------------
 # reading
@@ -74,6 +76,14 @@ class RowConcat:
 Embeddings = np.ndarray | RowConcat
 
 
+def take_rows(embeddings: Embeddings, rows: list[int] | np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of ``embeddings`` (a memmap or shards) as a new array, in the stored dtype."""
+    rows = np.asarray(rows, np.int64)
+    if isinstance(embeddings, RowConcat):
+        return embeddings.take(rows)
+    return np.asarray(embeddings[rows])
+
+
 @dataclass(frozen=True)
 class Index:
     """A complete index opened read-only.
@@ -111,6 +121,13 @@ class Index:
                 "with '..'); refusing to read it"
             )
         return os.path.join(root, *parts)
+
+    @functools.cached_property
+    def metadata(self) -> Metadata | None:
+        """Per-row captions, file signatures and kept columns (the ``.parquet`` beside each ``.npy``),
+        or ``None`` for an index written without (:func:`~mmcli.retrieval.index.metadata.read_metadata`)."""
+        parts = self.embeddings.parts if isinstance(self.embeddings, RowConcat) else [self.embeddings]
+        return read_metadata(self.files or (self.path,), [len(p) for p in parts], self.items)
 
     @property
     def dim(self) -> int:

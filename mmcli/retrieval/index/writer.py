@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,6 +32,7 @@ from mmcli.retrieval.index.files import (
     sidecar_path,
     writer_lock,
 )
+from mmcli.retrieval.index.metadata import MetadataSource, metadata_path, write_metadata
 
 # Sidecar fields the writer sets itself; the same keys in ``meta`` are ignored.
 _WRITER_KEYS = {
@@ -45,6 +49,7 @@ _WRITER_KEYS = {
     "skipped",
     "complete",
     "shard",
+    "metadata",
 }
 
 
@@ -86,8 +91,13 @@ class IndexWriter:
     for the same ``job``: a JSON-safe dict of whatever decides the rows (input, keys, dtype,
     decoding, model checksum) saved in the progress file; a different one is refused, naming the
     first field that differs. ``overwrite=True`` discards the partial output instead and lets
-    :meth:`finish` replace a complete index. Used as a context manager it finishes on success and
+    :meth:`finish` replace a complete index; ``replace=True`` lets :meth:`finish` replace a complete
+    index but resumes a partial one (``embed --update``: the old index stays whole and readable
+    until the new one takes its place). Used as a context manager it finishes on success and
     flushes the progress on an error.
+
+    ``metadata``, when given, is called by :meth:`finish` with the items written and returns their
+    metadata columns, written to ``<path>.parquet`` (:mod:`~mmcli.retrieval.index.metadata`).
     """
 
     def __init__(
@@ -102,8 +112,12 @@ class IndexWriter:
         flush_seconds: float = 10.0,
         job: dict | None = None,
         lock: FileLock | None = None,
+        replace: bool = False,
+        metadata: MetadataSource | None = None,
     ) -> None:
         self.path = _check_npy_path(path)
+        self.replace, self.metadata = replace or overwrite, metadata
+        self._columns: list[str] | None = None
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.dim, self.dtype, self.meta = int(dim), dtype, _check_meta(meta)
@@ -125,7 +139,7 @@ class IndexWriter:
     def _open(self, capacity: int) -> None:
         if self.overwrite:
             _unlink(_partial(self.path), _progress(self.path))
-        else:
+        elif not self.replace:
             _refuse_existing(self.path)
         state = self.resume_state(self.path)
         if state is not None:
@@ -197,7 +211,12 @@ class IndexWriter:
         self._last_flush = time.monotonic()
 
     def finish(self) -> str:
-        """Truncate to the rows written, write the final sidecar and move both into place."""
+        """Truncate to the rows written, write the metadata and the final sidecar, move all into place.
+
+        The metadata is written beside the partial rows first (the slow part, and the one that can
+        fail); then the swap — old sidecar out, rows in, metadata in, new sidecar — runs with
+        SIGINT and SIGTERM held back, so a Ctrl-C cannot leave a replaced index half old, half new.
+        """
         if self._array is None:
             raise RuntimeError(f"{self.path} is already finished")
         self._array.flush()
@@ -205,12 +224,21 @@ class IndexWriter:
         try:
             partial = _partial(self.path)
             _set_npy_rows(partial, self.rows_done)
-            # An old sidecar must never describe the new array, even for an instant.
-            _unlink(sidecar_path(self.path))
-            if self.overwrite:
-                _remove_other_layouts(self.path)
-            os.replace(partial, self.path)
-            atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
+            if self.metadata is not None:
+                columns = self.metadata(self.items)
+                write_metadata(partial, self.items, columns)
+                self._columns = ["item", *columns]
+            with _signals_held():
+                # An old sidecar must never describe the new array, even for an instant.
+                _unlink(sidecar_path(self.path))
+                if self.replace:
+                    _remove_other_layouts(self.path)
+                os.replace(partial, self.path)
+                if self.metadata is not None:
+                    os.replace(metadata_path(partial), metadata_path(self.path))
+                else:
+                    _unlink(metadata_path(self.path))
+                atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
             _unlink(_progress(self.path))
         finally:
             self._release()
@@ -275,6 +303,8 @@ class IndexWriter:
         shard = _SHARD_RE.match(os.path.basename(self.path))
         if shard:
             extra["shard"] = {"rank": int(shard["rank"]), "world_size": int(shard["world"])}
+        if self._columns is not None:
+            extra["metadata"] = {"file": os.path.basename(metadata_path(self.path)), "columns": self._columns}
         created = created_stamp()
         return {
             "format": FORMAT,
@@ -309,7 +339,7 @@ def _refuse_existing(path: str) -> None:
     """Without --overwrite, write neither over a complete index nor beside one of another layout."""
     base = _base_of(path)
     if _complete(path):
-        raise MmcliError(f"{path} already exists; pass --overwrite to replace it")
+        raise MmcliError(f"{path} already exists; pass --update to embed only new and changed items, or --overwrite")
     if base != path and _complete(base):
         raise MmcliError(f"{base} already exists; pass --overwrite to replace it with shards")
     own_world = _shard_world(path)
@@ -328,8 +358,22 @@ def _remove_other_layouts(path: str) -> None:
     """Remove outputs for the same base in the other layout, so a reader never sees both."""
     base, own_world = _base_of(path), _shard_world(path)
     if base != path:
-        _unlink(base, sidecar_path(base))
+        _unlink(base, sidecar_path(base), metadata_path(base))
     for world, ranks in _shard_files(base).items():
         if world != own_world:
             for shard in ranks.values():
-                _unlink(shard, sidecar_path(shard))
+                _unlink(shard, sidecar_path(shard), metadata_path(shard))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM back (delivered on exit) around a few renames that must not be split."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
