@@ -19,7 +19,8 @@ from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
 app = typer.Typer(
     name="mmcli",
-    help="Multimodal (image + text) models from the command line: pretrain, embed, caption, retrieve, fuse, eval.",
+    help="Multimodal (image + text) models from the command line: pretrain, embed, retrieve, serve, caption, "
+    "generate, fuse, eval.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -149,12 +150,29 @@ def embed(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over (and replace a complete index) instead of resuming.")
     ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Bring a complete OUT up to date: embed new and changed files (size + mtime), drop deleted ones, "
+            "copy the rest.",
+        ),
+    ] = False,
     no_draft: NoDraftOpt = False,
     image_key: ImageKeyOpt = DEFAULT_IMAGE_KEY,
     text_key: Annotated[str, typer.Option("--text-key", help="Text column/key of a dataset file.")] = DEFAULT_TEXT_KEY,
+    keep_columns: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-columns",
+            help="Columns of a CSV/TSV/JSONL input to keep in the index's metadata, comma-separated: url,license.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed images or texts into an index: OUT (.npy, L2-normalised rows) and OUT.json (its sidecar).
+    """Embed images or texts into an index: OUT (.npy, L2-normalised rows), OUT.json (its sidecar) and
+    OUT.parquet (per-row metadata: captions, file signatures, kept columns).
 
     Re-running into the same OUT resumes an interrupted run; bad images are
     skipped and listed in the sidecar. Under torchrun every rank writes its own
@@ -177,9 +195,11 @@ def embed(
             batch_size=batch_size,
             workers=workers,
             overwrite=overwrite,
+            update=update,
             draft=not no_draft,
             image_key=image_key,
             text_key=text_key,
+            keep_columns=tuple(c.strip() for c in (keep_columns or "").split(",") if c.strip()),
             device=State.device,
         )
         if result["is_main"]:
@@ -376,12 +396,36 @@ def retrieve(
             show_default=False,
         ),
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            min=-1.0,
+            max=1.0,
+            help="Keep hits whose cosine is at least this; with --duplicates the linking cosine (default 0.95).",
+            show_default=False,
+        ),
+    ] = None,
+    duplicates: Annotated[
+        bool,
+        typer.Option("--duplicates", help="Find groups of near-duplicate rows of the index instead of searching."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search an index with a text or an image, using the model recorded in its sidecar."""
+    """Search an index with a text or an image, using the model recorded in its sidecar
+    (or, with --duplicates, list its groups of near-duplicate rows)."""
     with reported_errors():
-        from mmcli.commands.render import render_retrieve, report_faiss_build
-        from mmcli.commands.retrieve import run
+        from mmcli.commands.render import render_duplicates, render_retrieve, report_faiss_build
+        from mmcli.commands.retrieve import run, run_duplicates
+
+        if duplicates:
+            if query or queries or grid or use_faiss:
+                raise MmcliError(
+                    "--duplicates compares the index with itself: give no QUERY, --queries, --grid or --faiss"
+                )
+            result = run_duplicates(index, threshold=0.95 if threshold is None else threshold)
+            emit(result, as_json, render_duplicates)
+            return
 
         result = run(
             query,
@@ -393,10 +437,42 @@ def retrieve(
             grid=grid,
             overwrite=overwrite,
             model=model,
+            threshold=threshold,
             device=State.device,
         )
         report_faiss_build(result)
         emit(result, as_json, render_retrieve)
+
+
+@app.command()
+def serve(
+    index: Annotated[
+        list[str],
+        typer.Option(
+            "--index",
+            help="An index (.npy) to serve, as PATH or NAME=PATH (repeatable).",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; another than 127.0.0.1 is reachable by others.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    use_faiss: Annotated[bool, typer.Option("--faiss", help="Search with FAISS (as retrieve --faiss).")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="Require 'Authorization: Bearer TOKEN' (default: $MMCLI_SERVE_TOKEN, else none).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Serve indexes over HTTP: a search page at /, a REST API (/docs), clip-retrieval's /knn-service."""
+    with reported_errors():
+        from mmcli.commands.serve import run
+
+        run(index, host=host, port=port, use_faiss=use_faiss, token=token, device=State.device)
 
 
 @app.command()

@@ -14,6 +14,7 @@ COMMANDS = [
     ["pretrain"],
     ["embed"],
     ["retrieve"],
+    ["serve"],
     ["fuse"],
     ["caption"],
     ["generate"],

@@ -20,6 +20,7 @@ LAYERS = {
     "training": 3,
     "evaluation": 3,
     "retrieval": 3,
+    "serving": 3,
     "inference": 3,
     "viz": 3,
     "models": 2,
@@ -39,13 +40,15 @@ ALLOWED_ACROSS = {
     ("evaluation", "viz"),
     ("inference", "retrieval"),
     ("inference", "viz"),
+    ("serving", "retrieval"),
     ("models", "data"),
     ("io", "errors"),
 }
 """Imports between parts of the same rank, each allowed in one direction only: evaluation embeds
 with the retrieval stage's code and draws its confusion matrices with viz; inference (captions)
 reads its inputs with the retrieval stage's loaders and names its shards as an index's, and draws
-its sheets (generate) with viz; model
+its sheets (generate) with viz; serving searches with the retrieval stage's index and query
+encoder; model
 heads use the data stage's ignore index of masking."""
 
 MAX_TOP_LEVEL = 6
