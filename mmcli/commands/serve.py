@@ -50,6 +50,10 @@ def run(
     device: str = "auto",
 ) -> None:
     """Open the indexes, load their models once, and serve until interrupted."""
+    # torch's OpenMP threads spin after each forward pass and starve NumPy's BLAS threads, which
+    # score the rows right after: passive waiting took a query from 8.0 to 3.3 ms on 2 cores
+    # (benchmarks/serve_load.py). Set before torch is first imported; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from mmcli.serving.app import create_app

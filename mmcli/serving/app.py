@@ -14,6 +14,7 @@ data endpoint wants ``Authorization: Bearer TOKEN`` (or ``?token=`` on image URL
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -31,7 +32,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmcli import __version__
 from mmcli.errors import MmcliError
-from mmcli.serving.service import MAX_K, MAX_UPLOAD_BYTES, NotFound, SearchService, ServedIndex, TooLarge
+from mmcli.serving.service import (
+    MAX_K,
+    MAX_UPLOAD_BYTES,
+    NotFound,
+    SearchService,
+    ServedIndex,
+    TooLarge,
+    check_k,
+)
 
 log = logging.getLogger("mmcli.serve")
 
@@ -124,36 +133,40 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
     def indexes() -> list[dict[str, Any]]:
         return [s.describe() for s in service.served.values()]
 
+    # The search endpoints are async: they await the batchers' futures instead of holding a thread
+    # each, and return their JSON directly (FastAPI's generic encoder costs more than the search).
+
     @app.post("/api/search", dependencies=guarded, summary="Search by a text, an index row or a vector")
-    def search(body: SearchRequest, request: Request) -> dict[str, Any]:
+    async def search(body: SearchRequest) -> JSONResponse:
         start = time.perf_counter()
         served = service.get(body.index)
-        results = service.search(served, _vectors(service, served, [body]), k=body.k, threshold=body.threshold)[0]
-        return _answer(served, body.k, _query_echo(body), results, request, start)
+        vectors = await _vectors(service, served, [body])
+        results = (await _search(service, served, vectors, k=body.k, threshold=body.threshold))[0]
+        return JSONResponse(_answer(served, body.k, _query_echo(body), results, start))
 
     @app.post("/api/search/batch", dependencies=guarded, summary="Several queries against one index")
-    def search_batch(body: BatchRequest, request: Request) -> dict[str, Any]:
+    async def search_batch(body: BatchRequest) -> JSONResponse:
         start = time.perf_counter()
         served = service.get(body.index)
-        found = service.search(served, _vectors(service, served, body.queries), k=body.k, threshold=body.threshold)
-        answers = [_answer(served, body.k, _query_echo(q), r, request, start) for q, r in zip(body.queries, found)]
-        return {"index": served.name, "ms": _ms(start), "answers": answers}
+        vectors = await _vectors(service, served, body.queries)
+        found = await _search(service, served, vectors, k=body.k, threshold=body.threshold)
+        answers = [_answer(served, body.k, _query_echo(q), r, start) for q, r in zip(body.queries, found)]
+        return JSONResponse({"index": served.name, "ms": _ms(start), "answers": answers})
 
     @app.post("/api/search/image", dependencies=guarded, summary="Search by an uploaded image")
     async def search_image(
-        request: Request,
         file: Annotated[UploadFile, File(description="The image file.")],
         index: Annotated[str | None, Form()] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         threshold: Annotated[float | None, Form(ge=-1, le=1)] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         start = time.perf_counter()
         served = service.get(index)
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         name = file.filename or "upload"
         vectors = await _in_thread(service.encode_image, served, data, name=name)
-        results = (await _in_thread(service.search, served, vectors, k=k, threshold=threshold))[0]
-        return _answer(served, k, {"image": name}, results, request, start)
+        results = (await _search(service, served, vectors, k=k, threshold=threshold))[0]
+        return JSONResponse(_answer(served, k, {"image": name}, results, start))
 
     @app.get("/api/thumbnail/{index}/{row}", dependencies=guarded, summary="A thumbnail of a row's image")
     def thumbnail(index: str, row: int, size: Annotated[int, Query(ge=16, le=512)] = 256) -> Response:
@@ -176,7 +189,7 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
         summary="clip-retrieval: nearest neighbours of a text, image or embedding",
         openapi_extra={"requestBody": {"content": {"application/json": {"schema": KnnRequest.model_json_schema()}}}},
     )
-    async def knn_service(request: Request) -> list[dict[str, Any]]:
+    async def knn_service(request: Request) -> JSONResponse:
         # ClipClient posts JSON without a content type, as Flask's get_json(force=True) accepts: read it as such.
         body = _parse(KnnRequest, await request.body())
         served = service.get(body.indice_name)
@@ -186,9 +199,9 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
                 f"modality: index {served.name!r} holds {served.index.meta['modality']} embeddings, "
                 f"not {body.modality}",
             )
-        vectors = await _in_thread(_knn_vectors, service, served, body)
-        found = await _in_thread(service.search, served, vectors, k=body.num_images, deduplicate=body.deduplicate)
-        return [_clip_retrieval_hit(served, hit, request) for hit in found[0]]
+        vectors = await _knn_vectors(service, served, body)
+        found = await _search(service, served, vectors, k=body.num_images, deduplicate=body.deduplicate)
+        return JSONResponse([_clip_retrieval_hit(served, hit, request) for hit in found[0]])
 
     @app.post(
         "/metadata",
@@ -219,13 +232,14 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
 # --------------------------------------------------------------------------------------------------
 
 
-def _vectors(service: SearchService, served: ServedIndex, queries: list[Query_]):
+async def _vectors(service: SearchService, served: ServedIndex, queries: list[Query_]):
     import numpy as np
 
     rows: list = [None] * len(queries)
     texts = [(n, q.text) for n, q in enumerate(queries) if q.text is not None]
     if texts:
-        for (n, _), vector in zip(texts, service.encode_texts(served, [t for _, t in texts])):
+        encoded = await asyncio.wrap_future(service.encode_texts(served, [t for _, t in texts]))
+        for (n, _), vector in zip(texts, encoded):
             rows[n] = vector
     for n, q in enumerate(queries):
         if q.row is not None:
@@ -235,21 +249,27 @@ def _vectors(service: SearchService, served: ServedIndex, queries: list[Query_])
     return np.stack(rows).astype(np.float32)
 
 
-def _knn_vectors(service: SearchService, served: ServedIndex, body: KnnRequest):
+async def _search(service: SearchService, served: ServedIndex, vectors, *, k: int, **options) -> list[list[dict]]:
+    check_k(k)
+    scores, ids = await asyncio.wrap_future(served.search(vectors, k))
+    return service.hits(served, scores, ids, **options)
+
+
+async def _knn_vectors(service: SearchService, served: ServedIndex, body: KnnRequest):
     given = [n for n in ("text", "image", "image_url", "embedding_input") if getattr(body, n)]
     if len(given) != 1:
         raise ApiError(400, f"give exactly one of text, image, image_url, embedding_input (got {', '.join(given)})")
     if body.image_url:
         raise ApiError(400, "image_url: this server fetches nothing from the network; send the image as base64")
     if body.text:
-        return service.encode_texts(served, [body.text])
+        return await asyncio.wrap_future(service.encode_texts(served, [body.text]))
     if body.embedding_input:
         return service.check_vectors(served, [body.embedding_input])
     try:
         data = base64.b64decode(body.image, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "image: not valid base64") from None
-    return service.encode_image(served, data, name="image")
+    return await _in_thread(service.encode_image, served, data, name="image")
 
 
 def _clip_retrieval_hit(served: ServedIndex, hit: dict[str, Any], request: Request) -> dict[str, Any]:
@@ -260,7 +280,7 @@ def _clip_retrieval_hit(served: ServedIndex, hit: dict[str, Any], request: Reque
     return {**hit["metadata"], **out}
 
 
-def _answer(served, k: int, query: dict, results: list[dict], request: Request, start: float) -> dict[str, Any]:
+def _answer(served, k: int, query: dict, results: list[dict], start: float) -> dict[str, Any]:
     if served.has_images:
         for hit in results:
             hit["thumbnail"] = f"/api/thumbnail/{served.name}/{hit['row']}"
@@ -308,7 +328,7 @@ async def _in_thread(func, *args, **kwargs):
 
 
 def _token_check(token: str | None):
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: a plain def would cost every request a thread hop
         if token is None:
             return
         header = request.headers.get("authorization", "")
@@ -326,20 +346,26 @@ def _validation_line(errors: list[dict]) -> str:
     return f"{where or 'request'}: {first.get('msg', 'invalid')}{more}"
 
 
-def _limit_request_size(app: FastAPI) -> None:
-    """Refuse a request body announced larger than an upload may be before reading any of it
-    (a body sent without a length is cut at the limit when read: :meth:`SearchService.encode_image`)."""
-    limit = MAX_UPLOAD_BYTES + (1 << 20)  # the image plus room for the form's other fields
+class _BodyLimit:
+    """ASGI middleware refusing a request whose body is announced larger than an upload may be,
+    before any of it is read (a body sent without a length is cut at the limit when read:
+    :meth:`SearchService.encode_image`)."""
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return JSONResponse(
-                {"detail": f"request body of {length} bytes; uploads are limited to {MAX_UPLOAD_BYTES} bytes"},
-                status_code=413,
-            )
-        return await call_next(request)
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                detail = f"request body of {int(length)} bytes; uploads are limited to {MAX_UPLOAD_BYTES} bytes"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _limit_request_size(app: FastAPI) -> None:
+    app.add_middleware(_BodyLimit, limit=MAX_UPLOAD_BYTES + (1 << 20))  # the image plus the form's other fields
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -2,10 +2,11 @@
 made each index, searched, and the hits described with their metadata.
 
 :class:`SearchService` is what the FastAPI app (:mod:`mmcli.serving.app`) calls; it knows nothing of
-requests. Queries that arrive together are searched together (:class:`SearchBatcher`): one pass of
-exact search over the rows answers all of them, which is what keeps an exact 100k-row index fast
-under concurrent load. Files are read only when they are rows of a served image index, and only
-inside the index's root (:meth:`SearchService.image_file`).
+requests. Queries that arrive together are encoded together and searched together
+(:class:`MicroBatcher`): one forward pass of the text tower and one pass of exact search over the
+rows answer all of them, which is what keeps an exact 100k-row index fast under concurrent load.
+Files are read only when they are rows of a served image index, and only inside the index's root
+(:meth:`SearchService.image_file`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ DEDUPLICATE_COSINE = 0.94
 (clip-retrieval's threshold for the same option)."""
 
 
+def check_k(k: int) -> None:
+    """Refuse a ``k`` outside 1 … :data:`MAX_K`."""
+    if not 1 <= k <= MAX_K:
+        raise MmcliError(f"k: {k} is not between 1 and {MAX_K}")
+
+
 class NotFound(MmcliError):
     """A name or row the service does not hold (HTTP 404)."""
 
@@ -52,34 +59,38 @@ class TooLarge(MmcliError):
     """An upload over :data:`MAX_UPLOAD_BYTES` (HTTP 413)."""
 
 
-class SearchBatcher:
-    """Runs ``search(vectors, k)`` for queries from many threads, batching those that wait together.
+class MicroBatcher:
+    """Calls ``process(payloads) -> results`` (one result per payload, in order) from one thread, for
+    callers in many threads, batching the payloads that wait together.
 
-    Each caller blocks until its own rows come back. One thread searches; while it does, new
-    queries queue up and go in the next batch (at most ``max_rows`` query rows). Ranked results are
-    searched with the largest ``k`` asked and cut to each caller's ``k``: the top-``k`` of a top-``K``
-    list is the top-``k``.
+    Each caller blocks until its own result comes back. While a batch is processed, new payloads
+    queue up and go in the next one (up to ``max_rows`` rows, counted by ``rows``). An exception
+    reaches every caller of its batch; the thread lives on.
     """
 
-    def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], *, max_rows: int = 64):
-        self._search, self.max_rows = search, max_rows
+    def __init__(self, process: Callable[[list], list], *, rows: Callable[[Any], int] = len, max_rows: int = 64):
+        self._process, self._rows, self.max_rows = process, rows, max_rows
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="mmcli-search", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mmcli-batch", daemon=True)
         self._thread.start()
 
-    def __call__(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, payload: Any) -> Any:
+        return self.submit(payload).result()
+
+    def submit(self, payload: Any) -> Future:
+        """Queue ``payload``; the future holds its result (an async caller awaits it without a thread)."""
         done: Future = Future()
-        self._queue.put((vectors, k, done))
-        return done.result()
+        self._queue.put((payload, done))
+        return done
 
     def close(self) -> None:
-        """Stop the search thread once the queries already queued are answered."""
+        """Stop the thread once the payloads already queued are processed."""
         self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            jobs, rows, stop = [first], len(first[0]), False
+            jobs, rows, stop = [first], self._rows(first[0]), False
             while rows < self.max_rows:
                 try:
                     job = self._queue.get_nowait()
@@ -89,23 +100,52 @@ class SearchBatcher:
                     stop = True
                     break
                 jobs.append(job)
-                rows += len(job[0])
+                rows += self._rows(job[0])
             self._answer(jobs)
             if stop:
                 return
 
     def _answer(self, jobs: list) -> None:
         try:
-            scores, ids = self._search(np.concatenate([j[0] for j in jobs]), max(j[1] for j in jobs))
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error, the thread lives on
-            for *_, done in jobs:
+            results = self._process([payload for payload, _ in jobs])
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for _, done in jobs:
                 done.set_exception(exc)
             return
-        start = 0
-        for vectors, k, done in jobs:
+        for (_, done), result in zip(jobs, results):
+            done.set_result(result)
+
+
+def batched_search(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]) -> Callable[[list], list]:
+    """``search(vectors, k)`` over payloads ``(vectors, k)`` at once: the rows of every payload are
+    searched together with the largest ``k`` asked, and each payload's cut to its own ``k`` (the
+    top-``k`` of a top-``K`` list is the top-``k``). One pass of exact search over the rows answers
+    all of them."""
+
+    def process(payloads: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        scores, ids = search(np.concatenate([v for v, _ in payloads]), max(k for _, k in payloads))
+        out, start = [], 0
+        for vectors, k in payloads:
             end = start + len(vectors)
-            done.set_result((scores[start:end, :k], ids[start:end, :k]))
+            out.append((scores[start:end, :k], ids[start:end, :k]))
             start = end
+        return out
+
+    return process
+
+
+def batched_texts(encode: Callable[[list[str]], np.ndarray]) -> Callable[[list], list]:
+    """``encode(texts)`` over payloads (lists of texts) at once: one forward pass for all of them."""
+
+    def process(payloads: list[list[str]]) -> list[np.ndarray]:
+        rows = encode([t for texts in payloads for t in texts])
+        out, start = [], 0
+        for texts in payloads:
+            out.append(rows[start : start + len(texts)])
+            start += len(texts)
+        return out
+
+    return process
 
 
 @dataclass
@@ -115,8 +155,15 @@ class ServedIndex:
     name: str
     index: ix.Index
     encoder: QueryEncoder
-    search: SearchBatcher
+    texts: MicroBatcher
+    """Encodes the texts of concurrent queries in one forward pass (shared by indexes of one model)."""
+    searcher: MicroBatcher
+    """Searches concurrent queries in one pass (:func:`batched_search`)."""
     method: dict[str, Any]
+
+    def search(self, vectors: np.ndarray, k: int) -> Future:
+        """Top-``k`` ``(scores, ids)`` of ``vectors`` (a future), batched with concurrent queries."""
+        return self.searcher.submit((np.ascontiguousarray(vectors, dtype=np.float32), k))
 
     @property
     def has_images(self) -> bool:
@@ -141,36 +188,41 @@ class ServedIndex:
 class SearchService:
     """The indexes of one ``mmcli serve``, by name; see the module docstring."""
 
-    def __init__(self, served: dict[str, ServedIndex]):
+    def __init__(self, served: dict[str, ServedIndex], *, encode_lock: threading.Lock | None = None):
         if not served:
             raise MmcliError("serve: give at least one --index")
         self.served = served
-        self._encode_lock = threading.Lock()  # torch already uses every core; one query encodes at a time
+        self._encode_lock = encode_lock or threading.Lock()  # the lock the text batchers take, for images too
 
     @classmethod
     def open(
         cls, indexes: dict[str, str], *, device: str = "auto", use_faiss: bool = False, warm: bool = True
     ) -> SearchService:
         """Open ``indexes`` (name → ``.npy``), check each model against its index, load each model once."""
-        encoders: dict[tuple, QueryEncoder] = {}
+        encoders: dict[tuple, tuple[QueryEncoder, MicroBatcher]] = {}
+        lock = threading.Lock()  # torch already uses every core: one encoding at a time, texts or image
         served = {}
         for name, path in indexes.items():
             index = ix.open_index(path)
             model = index.meta["model"]
             key = (model.get("ref"), model.get("checksum"), json.dumps(index.meta.get("decode")), index.dim)
-            encoder = encoders.get(key)
-            if encoder is None:
-                encoder = encoders[key] = QueryEncoder(index, model_ref=None, device=device)
+            if key not in encoders:
+                encoder = QueryEncoder(index, model_ref=None, device=device)
                 if warm:
                     encoder.warm_up()
+                encoders[key] = encoder, MicroBatcher(batched_texts(_locked_text_encoder(encoder, lock)))
+            encoder, texts = encoders[key]
             searcher = make_searcher(index, use_faiss)
-            served[name] = ServedIndex(name, index, encoder, SearchBatcher(searcher), searcher.describe())
-        return cls(served)
+            batcher = MicroBatcher(batched_search(searcher), rows=lambda payload: len(payload[0]))
+            served[name] = ServedIndex(name, index, encoder, texts, batcher, searcher.describe())
+        return cls(served, encode_lock=lock)
 
     def close(self) -> None:
-        """Stop the search threads."""
+        """Stop the batching threads."""
         for served in self.served.values():
-            served.search.close()
+            served.searcher.close()
+        for texts in {id(s.texts): s.texts for s in self.served.values()}.values():
+            texts.close()
 
     # ----------------------------------------------------------------------------------------------
     # lookup
@@ -194,12 +246,11 @@ class SearchService:
     # queries
     # ----------------------------------------------------------------------------------------------
 
-    def encode_texts(self, served: ServedIndex, texts: Sequence[str]) -> np.ndarray:
-        """Texts as rows of ``served``'s embedding space."""
+    def encode_texts(self, served: ServedIndex, texts: Sequence[str]) -> Future:
+        """Texts as rows of ``served``'s embedding space (a future), batched with concurrent queries."""
         if any(not t.strip() for t in texts):
             raise MmcliError("text: a query text is empty")
-        with self._encode_lock:
-            return served.encoder.encode([(t, False) for t in texts])
+        return served.texts.submit(list(texts))
 
     def encode_image(self, served: ServedIndex, data: bytes, *, name: str) -> np.ndarray:
         """An uploaded image (its bytes) as one row of ``served``'s embedding space."""
@@ -234,10 +285,23 @@ class SearchService:
         threshold: float | None = None,
         deduplicate: bool = False,
     ) -> list[list[dict[str, Any]]]:
-        """The hits of each query row: rank, row, score, item, absolute path, caption, metadata."""
-        if not 1 <= k <= MAX_K:
-            raise MmcliError(f"k: {k} is not between 1 and {MAX_K}")
-        scores, ids = served.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        """The hits of each query row (waiting for the search: see :meth:`hits` for the parts)."""
+        check_k(k)
+        scores, ids = served.search(vectors, k).result()
+        return self.hits(served, scores, ids, threshold=threshold, deduplicate=deduplicate)
+
+    def hits(
+        self,
+        served: ServedIndex,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        *,
+        threshold: float | None = None,
+        deduplicate: bool = False,
+    ) -> list[list[dict[str, Any]]]:
+        """The hits of each query row of a search: rank, row, score, item, absolute path, caption,
+        metadata; those scoring under ``threshold`` dropped, near copies of better hits too when
+        ``deduplicate``."""
         out = []
         for row_scores, row_ids in zip(scores, ids):
             keep = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
@@ -299,6 +363,14 @@ class SearchService:
 
 
 @functools.lru_cache(maxsize=2048)
+def _locked_text_encoder(encoder: QueryEncoder, lock: threading.Lock) -> Callable[[list[str]], np.ndarray]:
+    def encode(texts: list[str]) -> np.ndarray:
+        with lock:
+            return encoder.encode([(t, False) for t in texts])
+
+    return encode
+
+
 def _thumbnail(path: str, size: int, mtime_ns: int, side: int) -> tuple[bytes, str]:
     # size and mtime are part of the key so that a changed file is not served from the cache.
     from mmcli.data.images import BadImage, load_image

@@ -20,7 +20,7 @@ from mmcli.commands.retrieve import run as retrieve
 from mmcli.retrieval import index as ix
 from mmcli.serving import service as svc
 from mmcli.serving.app import create_app
-from mmcli.serving.service import SearchBatcher, SearchService
+from mmcli.serving.service import MicroBatcher, SearchService, batched_search, batched_texts
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_an_unexpected_error_is_a_500_without_a_traceback(client, service, monke
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(service, "search", broken)
+    monkeypatch.setattr(service, "hits", broken)
     response = client.post("/api/search", json={"text": "a red circle"})
     assert response.status_code == 500 and "secret" not in response.text and "Traceback" not in response.text
 
@@ -259,11 +259,11 @@ def test_the_batcher_answers_concurrent_queries_as_single_searches():
         sizes.append(len(q))
         return ix.search_exact(rows, q, k)
 
-    batcher = SearchBatcher(search)
+    batcher = MicroBatcher(batched_search(search), rows=lambda payload: len(payload[0]))
     queries = rows[rng.integers(0, 500, 40)] + 0.1
     results = [None] * 40
     threads = [
-        threading.Thread(target=lambda n=n: results.__setitem__(n, batcher(queries[n : n + 1], 1 + n % 7)))
+        threading.Thread(target=lambda n=n: results.__setitem__(n, batcher((queries[n : n + 1], 1 + n % 7))))
         for n in range(40)
     ]
     for t in threads:
@@ -276,3 +276,28 @@ def test_the_batcher_answers_concurrent_queries_as_single_searches():
         np.testing.assert_array_equal(results[n][1], ids)
         np.testing.assert_allclose(results[n][0], scores, atol=1e-6)
     assert sum(sizes) == 40
+
+
+def test_texts_encoded_together_equal_texts_encoded_alone(service):
+    served = service.get(None)
+    texts = ["a red circle", "a blue square left of a green triangle", "a yellow diamond"]
+    together = batched_texts(lambda t: served.encoder.encode([(x, False) for x in t]))([texts[:1], texts[1:]])
+    alone = [served.encoder.encode([(t, False)]) for t in texts]
+    np.testing.assert_allclose(np.concatenate(together), np.concatenate(alone), atol=1e-5)
+    assert [len(rows) for rows in together] == [1, 2]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_batcher_lives_on():
+    calls = []
+
+    def process(payloads):
+        calls.append(payloads)
+        if "bad" in payloads:
+            raise ValueError("bad payload")
+        return [p.upper() for p in payloads]
+
+    batcher = MicroBatcher(process)
+    with pytest.raises(ValueError, match="bad payload"):
+        batcher("bad")
+    assert batcher("ok") == "OK"
+    batcher.close()

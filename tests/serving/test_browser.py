@@ -8,7 +8,13 @@ with a token must ask for it once and send it on every request, images included.
 
 Needs Playwright for Python and a Chromium executable (Debian's ``/usr/bin/chromium``, or the one
 ``MMCLI_CHROMIUM`` names); skipped, with the reason, without them. ``MMCLI_SCREENSHOT=PATH`` also
-saves a screenshot of a text search (the README's ``docs/images/serve.png``).
+saves a screenshot of a text search, of the index ``MMCLI_SCREENSHOT_INDEX`` names (default: the
+tests' random-model index); the README's ``docs/images/serve.png`` is::
+
+    MMCLI_SCREENSHOT=docs/images/serve.png MMCLI_SCREENSHOT_INDEX=shapes-test=emb-test.npy \
+        .venv/bin/python -m pytest tests/serving/test_browser.py -k screenshot
+
+after ``mmcli embed data/shapes/test.jsonl --model runs/shapes --out emb-test.npy``.
 """
 
 from __future__ import annotations
@@ -182,9 +188,6 @@ def test_text_search_shows_the_servers_results_with_rendered_images(page, base_u
     assert cards(page) == expected_cards(answer)
     widths = image_widths(page)
     assert len(widths) == 12 and all(w > 0 for w in widths), widths
-    if os.environ.get("MMCLI_SCREENSHOT"):
-        Path(os.environ["MMCLI_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=os.environ["MMCLI_SCREENSHOT"], full_page=True)
 
 
 def test_an_indexed_image_finds_its_own_row_first_by_picker_and_by_drop(page, base_url, shapes_dir, index_path):
@@ -277,3 +280,23 @@ def test_a_token_is_asked_for_once_and_sent_with_every_request(browser, service)
         expect(page.get_by_test_id("index-name")).to_have_text("shapes")
         expect(page.get_by_test_id("token-form")).to_be_hidden()
         assert page.evaluate("sessionStorage.getItem('mmcli-token')") == TOKEN
+
+
+@pytest.mark.skipif(not os.environ.get("MMCLI_SCREENSHOT"), reason="set MMCLI_SCREENSHOT=PATH to take the screenshot")
+def test_screenshot(browser, index_path):
+    from mmcli.commands.serve import parse_indexes
+    from mmcli.serving.app import create_app
+    from mmcli.serving.service import SearchService
+
+    named = parse_indexes([os.environ.get("MMCLI_SCREENSHOT_INDEX", f"shapes={index_path}")])
+    service = SearchService.open(named, device="cpu")
+    with serving(create_app(service)) as url, watched_page(browser) as page:
+        page.set_viewport_size({"width": 1100, "height": 760})
+        page.goto(url)
+        expect(page.get_by_test_id("index-name")).to_have_text(next(iter(named)))
+        search_text(page, "a red circle above a blue square")
+        expect(page.get_by_test_id("status")).to_have_text(re.compile(r"^\d+ results"))
+        assert all(w > 0 for w in image_widths(page))
+        Path(os.environ["MMCLI_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=os.environ["MMCLI_SCREENSHOT"])
+    service.close()
