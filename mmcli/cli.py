@@ -171,9 +171,9 @@ def embed(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed images or texts into an index: OUT (.npy, L2-normalised rows), OUT.json (its sidecar) and
-    OUT.parquet (per-row metadata: captions, file signatures, kept columns).
+    """Embed images or texts into an index: OUT (.npy), OUT.json (its sidecar), OUT.parquet (metadata).
 
+    OUT holds L2-normalised rows; OUT.parquet the rows' captions, file signatures and kept columns.
     Re-running into the same OUT resumes an interrupted run; bad images are
     skipped and listed in the sidecar. Under torchrun every rank writes its own
     shard, read by retrieve as one index.
@@ -412,8 +412,10 @@ def retrieve(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search an index with a text or an image, using the model recorded in its sidecar
-    (or, with --duplicates, list its groups of near-duplicate rows)."""
+    """Search an index with a text or an image, or list its near duplicates (--duplicates).
+
+    Queries are encoded by the model recorded in the index's sidecar.
+    """
     with reported_errors():
         from mmcli.commands.render import render_duplicates, render_retrieve, report_faiss_build
         from mmcli.commands.retrieve import run, run_duplicates

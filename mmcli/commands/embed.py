@@ -84,7 +84,7 @@ def run(
         )
         dim = loaded.model.clip.visual.output_dim
         resumed = state.rows + len(state.skipped) if state else 0
-        metadata = incremental.metadata_source(inputs.items, stats) if inputs.items is not None else None
+        metadata = incremental.metadata_source(inputs.items or [])
         with ix.IndexWriter(
             target,
             dim=dim,
@@ -96,6 +96,7 @@ def run(
             job=job,
             lock=lock,
             metadata=metadata,
+            signature=lambda item: stats.get(item, (None, None)),
         ) as writer:
             _write(writer, batches, total=capacity, done=resumed, show=progress, unit=inputs.modality)
     seconds = time.perf_counter() - start

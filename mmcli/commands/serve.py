@@ -68,7 +68,10 @@ def run(
     shown = "localhost" if is_loopback(host) else host
     sizes = ", ".join(f"{name} ({len(s.index)} rows, {s.method['method']})" for name, s in service.served.items())
     print(f"mmcli serve: {sizes} at http://{shown}:{port}/ (API: /docs)", file=sys.stderr)
+    # On loopback only this machine's names are accepted (a page rebinding its name to 127.0.0.1 is
+    # refused); on another address the names a network gives the machine are not known.
+    allowed = ["localhost", "127.0.0.1", "::1", host] if is_loopback(host) else None
     try:
-        uvicorn.run(create_app(service, token=token), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(service, token=token, allowed_hosts=allowed), host=host, port=port, log_level="warning")
     finally:
         service.close()

@@ -15,6 +15,7 @@ resumes like an interrupted embed.
 
 from __future__ import annotations
 
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,9 +24,7 @@ import numpy as np
 from mmcli.errors import MmcliError
 from mmcli.retrieval import index as ix
 from mmcli.retrieval.embedding import Batch, Item
-from mmcli.retrieval.index.metadata import STAT_COLUMNS, Columns, MetadataSource
-
-Stat = tuple[int | None, int | None]
+from mmcli.retrieval.index.metadata import STAT_COLUMNS, Columns, MetadataSource, Signature
 
 _COMPARED = ("modality", "dtype", "root", "decode")
 
@@ -45,7 +44,7 @@ class UpdatePlan:
         return {"unchanged": len(self.kept), "new": self.new, "changed": self.changed, "deleted": self.deleted}
 
 
-def item_stats(items: Sequence[Item], modality: str) -> dict[str, Stat]:
+def item_stats(items: Sequence[Item], modality: str) -> dict[str, Signature]:
     """The file signature (size, mtime_ns) of each image item, taken now, before any is decoded:
     a file changed after this is seen as changed by the next update. Texts have none."""
     if modality != "image":
@@ -67,7 +66,7 @@ def check_compatible(old: ix.Index, meta: dict, dtype: str, model_checksum: str 
             )
 
 
-def plan_update(old: ix.Index, items: Sequence[Item], stats: dict[str, Stat], modality: str) -> UpdatePlan:
+def plan_update(old: ix.Index, items: Sequence[Item], stats: dict[str, Signature], modality: str) -> UpdatePlan:
     """Which items of the input are unchanged rows of ``old`` (see the module's docstring)."""
     rows = {item: row for row, item in enumerate(old.items)}
     metadata = old.metadata
@@ -111,21 +110,29 @@ def merge_rows(
 
     for keys, rows, bad in embedded:
         yield from kept_runs()
-        fresh = {k: rows[n] for n, k in enumerate(keys)}
-        failed = dict(bad)
+        # Per key, in order: a text file may hold the same new text twice, embedded twice.
+        fresh: dict[str, deque] = defaultdict(deque)
+        for n, k in enumerate(keys):
+            fresh[k].append(rows[n])
+        failed: dict[str, deque] = defaultdict(deque)
+        for k, reason in bad:
+            failed[k].append(reason)
+        waiting = len(keys) + len(bad)
         out_keys, out_rows, out_bad = [], [], []
-        while fresh or failed:
+        while waiting:
             if pos >= len(todo):
-                raise RuntimeError(f"embedded items {sorted(fresh or failed)[:3]} are not in the update's list")
+                raise RuntimeError(f"embedded items {sorted(fresh)[:3]} are not in the update's list")
             key = todo[pos]
             if key in kept:
                 out_keys.append(key)
                 out_rows.append(ix.take_rows(old, [kept[key]])[0])
-            elif key in fresh:
+            elif fresh.get(key):
                 out_keys.append(key)
-                out_rows.append(fresh.pop(key))
-            elif key in failed:
-                out_bad.append((key, failed.pop(key)))
+                out_rows.append(fresh[key].popleft())
+                waiting -= 1
+            elif failed.get(key):
+                out_bad.append((key, failed[key].popleft()))
+                waiting -= 1
             else:
                 raise RuntimeError(f"{key} was not embedded before the items after it")
             pos += 1
@@ -136,20 +143,18 @@ def merge_rows(
         raise RuntimeError(f"{todo[pos]} was neither kept nor embedded")
 
 
-def metadata_source(items: Sequence[Item], stats: dict[str, Stat]) -> MetadataSource:
+def metadata_source(items: Sequence[Item]) -> MetadataSource:
     """The metadata columns of the rows written (:mod:`mmcli.retrieval.index.metadata`), from the
-    items as listed: caption, file signature, kept columns."""
-    by_key = {item.key: item for item in items}
+    items as listed: caption and kept columns (the file signatures are the writer's, recorded as
+    each row is written)."""
+    by_key = {item.key: item for item in items}  # webdataset members are not listed: no caption
     kept_names = next((list(item.columns) for item in items if item.columns), [])
 
     def columns(keys: list[str]) -> Columns:
-        rows = [by_key[k] for k in keys]
-        out: Columns = {"caption": [item.caption for item in rows]}
-        signatures = [stats.get(k, (None, None)) for k in keys]
-        for n, name in enumerate(STAT_COLUMNS):
-            out[name] = [sig[n] for sig in signatures]
+        rows = [by_key.get(k) for k in keys]
+        out: Columns = {"caption": [item.caption if item else None for item in rows]}
         for name in kept_names:
-            out[name] = [(item.columns or {}).get(name) for item in rows]
+            out[name] = [(item.columns or {}).get(name) if item else None for item in rows]
         return out
 
     return columns

@@ -23,11 +23,13 @@ import logging
 import time
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
+from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmcli import __version__
@@ -46,6 +48,12 @@ log = logging.getLogger("mmcli.serve")
 
 MAX_BATCH = 256
 """The most queries one batch request may hold."""
+
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + (1 << 20)
+"""The largest request body: an upload as base64 (``/knn-service``) and room for the other fields."""
+
+PUBLIC_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Paths that hold no data: served without the token."""
 
 
 class ApiError(Exception):
@@ -109,17 +117,20 @@ class MetadataRequest(BaseModel):
     indice_name: str | None = None
 
 
-def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``service``; ``token`` (if any) guards every data endpoint."""
+def create_app(service: SearchService, *, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI app serving ``service``.
+
+    ``token`` (if any) guards every data endpoint; ``allowed_hosts`` (if given) are the only names a
+    request's ``Host`` may carry (``mmcli serve`` on loopback passes its own names: a web page that
+    rebinds its DNS name to 127.0.0.1 is refused). See :class:`_Guard`.
+    """
     app = FastAPI(
         title="mmcli serve",
         version=__version__,
         description="Search image and text embedding indexes made by `mmcli embed`.",
     )
     _install_error_handlers(app)
-    _limit_request_size(app)
-    auth = _token_check(token)
-    guarded = [Depends(auth)]
+    app.add_middleware(_Guard, token=token, allowed_hosts=allowed_hosts, max_body=MAX_BODY_BYTES)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -129,14 +140,14 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "indexes": {name: len(s.index) for name, s in service.served.items()}}
 
-    @app.get("/api/indexes", dependencies=guarded, summary="The served indexes")
+    @app.get("/api/indexes", summary="The served indexes")
     def indexes() -> list[dict[str, Any]]:
         return [s.describe() for s in service.served.values()]
 
     # The search endpoints are async: they await the batchers' futures instead of holding a thread
     # each, and return their JSON directly (FastAPI's generic encoder costs more than the search).
 
-    @app.post("/api/search", dependencies=guarded, summary="Search by a text, an index row or a vector")
+    @app.post("/api/search", summary="Search by a text, an index row or a vector")
     async def search(body: SearchRequest) -> JSONResponse:
         start = time.perf_counter()
         served = service.get(body.index)
@@ -144,7 +155,7 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
         results = (await _search(service, served, vectors, k=body.k, threshold=body.threshold))[0]
         return JSONResponse(_answer(served, body.k, _query_echo(body), results, start))
 
-    @app.post("/api/search/batch", dependencies=guarded, summary="Several queries against one index")
+    @app.post("/api/search/batch", summary="Several queries against one index")
     async def search_batch(body: BatchRequest) -> JSONResponse:
         start = time.perf_counter()
         served = service.get(body.index)
@@ -153,7 +164,7 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
         answers = [_answer(served, body.k, _query_echo(q), r, start) for q, r in zip(body.queries, found)]
         return JSONResponse({"index": served.name, "ms": _ms(start), "answers": answers})
 
-    @app.post("/api/search/image", dependencies=guarded, summary="Search by an uploaded image")
+    @app.post("/api/search/image", summary="Search by an uploaded image")
     async def search_image(
         file: Annotated[UploadFile, File(description="The image file.")],
         index: Annotated[str | None, Form()] = None,
@@ -168,24 +179,23 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
         results = (await _search(service, served, vectors, k=k, threshold=threshold))[0]
         return JSONResponse(_answer(served, k, {"image": name}, results, start))
 
-    @app.get("/api/thumbnail/{index}/{row}", dependencies=guarded, summary="A thumbnail of a row's image")
+    @app.get("/api/thumbnail/{index}/{row}", summary="A thumbnail of a row's image")
     def thumbnail(index: str, row: int, size: Annotated[int, Query(ge=16, le=512)] = 256) -> Response:
         data, media_type = service.thumbnail(service.get(index), row, size)
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/api/image/{index}/{row}", dependencies=guarded, summary="The image file of a row")
+    @app.get("/api/image/{index}/{row}", summary="The image file of a row")
     def image(index: str, row: int) -> FileResponse:
         return FileResponse(service.image_file(service.get(index), row))
 
     # clip-retrieval's back end -------------------------------------------------------------------
 
-    @app.get("/indices-list", dependencies=guarded, summary="clip-retrieval: the index names")
+    @app.get("/indices-list", summary="clip-retrieval: the index names")
     def indices_list() -> list[str]:
         return list(service.served)
 
     @app.post(
         "/knn-service",
-        dependencies=guarded,
         summary="clip-retrieval: nearest neighbours of a text, image or embedding",
         openapi_extra={"requestBody": {"content": {"application/json": {"schema": KnnRequest.model_json_schema()}}}},
     )
@@ -200,12 +210,13 @@ def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
                 f"not {body.modality}",
             )
         vectors = await _knn_vectors(service, served, body)
-        found = await _search(service, served, vectors, k=body.num_images, deduplicate=body.deduplicate)
-        return JSONResponse([_clip_retrieval_hit(served, hit, request) for hit in found[0]])
+        # As clip-retrieval does: num_result_ids candidates, deduplicated, then the first num_images.
+        candidates = min(max(body.num_images, body.num_result_ids or 0), MAX_K)
+        found = await _search(service, served, vectors, k=candidates, deduplicate=body.deduplicate)
+        return JSONResponse([_clip_retrieval_hit(served, hit, request) for hit in found[0][: body.num_images]])
 
     @app.post(
         "/metadata",
-        dependencies=guarded,
         summary="clip-retrieval: the metadata of index rows",
         openapi_extra={
             "requestBody": {"content": {"application/json": {"schema": MetadataRequest.model_json_schema()}}}
@@ -327,18 +338,6 @@ async def _in_thread(func, *args, **kwargs):
     return await run_in_threadpool(func, *args, **kwargs)
 
 
-def _token_check(token: str | None):
-    async def check(request: Request) -> None:  # async: a plain def would cost every request a thread hop
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(401, "a bearer token is required (Authorization: Bearer TOKEN)")
-
-    return check
-
-
 def _validation_line(errors: list[dict]) -> str:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
@@ -346,32 +345,79 @@ def _validation_line(errors: list[dict]) -> str:
     return f"{where or 'request'}: {first.get('msg', 'invalid')}{more}"
 
 
-class _BodyLimit:
-    """ASGI middleware refusing a request whose body is announced larger than an upload may be,
-    before any of it is read (a body sent without a length is cut at the limit when read:
-    :meth:`SearchService.encode_image`)."""
+class _Guard:
+    """ASGI middleware that refuses a request before the app reads a byte of its body when its
+    ``Host`` is not an allowed name (DNS rebinding), it comes from another site's page (an
+    ``Origin`` other than the server's own), the bearer token is missing or wrong (data endpoints),
+    or its body is announced larger than :data:`MAX_BODY_BYTES`; and cuts a body sent without a
+    length when it passes that size, answering 413 instead of the app.
+    """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, *, token: str | None, allowed_hosts: list[str] | None, max_body: int):
+        self.app, self.token, self.max_body = app, token, max_body
+        self.allowed = None if allowed_hosts is None else {h.strip("[]").lower() for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                detail = f"request body of {int(length)} bytes; uploads are limited to {MAX_UPLOAD_BYTES} bytes"
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope, Headers(scope=scope))
+        if refusal is not None:
+            await _reply(*refusal)(scope, receive, send)
+            return
+        state = {"bytes": 0, "over": False, "replied": False}
+
+        async def counted() -> dict:
+            message = await receive()
+            state["bytes"] += len(message.get("body", b""))
+            if state["bytes"] > self.max_body:
+                state["over"] = True
+                raise TooLarge(f"request body over {self.max_body} bytes")
+            return message
+
+        async def answer(message: dict) -> None:
+            if not state["over"]:
+                await send(message)
+            elif not state["replied"]:  # whatever the app made of the cut body, the client gets a 413
+                state["replied"] = True
+                await _reply(413, f"request body over {self.max_body} bytes; uploads are limited")(scope, receive, send)
+
+        await self.app(scope, counted, answer)
+
+    def _refusal(self, scope, headers: Headers) -> tuple[int, str] | None:
+        host = headers.get("host", "")
+        if self.allowed is not None and _host_name(host) not in self.allowed:
+            return 400, f"Host {host!r} is not a name of this server"
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            return 403, "requests from another site's page are refused"
+        if self.token is not None and scope["path"] not in PUBLIC_PATHS:
+            auth = headers.get("authorization", "")
+            given = (
+                auth[7:] if auth.lower().startswith("bearer ") else QueryParams(scope["query_string"]).get("token", "")
+            )
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return 401, "a bearer token is required (Authorization: Bearer TOKEN)"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return 413, f"request body of {int(length)} bytes; uploads are limited to {MAX_UPLOAD_BYTES} bytes"
+        return None
 
 
-def _limit_request_size(app: FastAPI) -> None:
-    app.add_middleware(_BodyLimit, limit=MAX_UPLOAD_BYTES + (1 << 20))  # the image plus the form's other fields
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header, without its port (``[::1]:8000`` → ``::1``)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower() if "]" in host else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def _reply(status: int, detail: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    def reply(status: int, detail: str) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    reply = _reply
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -70,6 +70,7 @@ class MicroBatcher:
 
     def __init__(self, process: Callable[[list], list], *, rows: Callable[[Any], int] = len, max_rows: int = 64):
         self._process, self._rows, self.max_rows = process, rows, max_rows
+        self._closed = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mmcli-batch", daemon=True)
         self._thread.start()
@@ -79,19 +80,30 @@ class MicroBatcher:
 
     def submit(self, payload: Any) -> Future:
         """Queue ``payload``; the future holds its result (an async caller awaits it without a thread)."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
         done: Future = Future()
         self._queue.put((payload, done))
         return done
 
     def close(self) -> None:
-        """Stop the thread once the payloads already queued are processed."""
+        """Stop the thread once the payloads already queued are processed; later submits are refused."""
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            jobs, rows, stop = [first], self._rows(first[0]), False
-            while rows < self.max_rows:
+            jobs, rows, stop = [], 0, False
+            job = first
+            while True:
+                # A caller that gave up (a client that disconnected cancels its future) is dropped;
+                # a future marked running can no longer be cancelled, so setting its result is safe.
+                if job[1].set_running_or_notify_cancel():
+                    jobs.append(job)
+                    rows += self._rows(job[0])
+                if rows >= self.max_rows:
+                    break
                 try:
                     job = self._queue.get_nowait()
                 except queue.Empty:
@@ -99,9 +111,8 @@ class MicroBatcher:
                 if job is None:
                     stop = True
                     break
-                jobs.append(job)
-                rows += self._rows(job[0])
-            self._answer(jobs)
+            if jobs:
+                self._answer(jobs)
             if stop:
                 return
 
@@ -204,6 +215,7 @@ class SearchService:
         served = {}
         for name, path in indexes.items():
             index = ix.open_index(path)
+            _ = index.metadata  # read now: an update replacing the files later must not mix old rows, new metadata
             model = index.meta["model"]
             key = (model.get("ref"), model.get("checksum"), json.dumps(index.meta.get("decode")), index.dim)
             if key not in encoders:
@@ -362,7 +374,6 @@ class SearchService:
         return _thumbnail(path, stat.st_size, stat.st_mtime_ns, side)
 
 
-@functools.lru_cache(maxsize=2048)
 def _locked_text_encoder(encoder: QueryEncoder, lock: threading.Lock) -> Callable[[list[str]], np.ndarray]:
     def encode(texts: list[str]) -> np.ndarray:
         with lock:
@@ -371,6 +382,7 @@ def _locked_text_encoder(encoder: QueryEncoder, lock: threading.Lock) -> Callabl
     return encode
 
 
+@functools.lru_cache(maxsize=2048)
 def _thumbnail(path: str, size: int, mtime_ns: int, side: int) -> tuple[bytes, str]:
     # size and mtime are part of the key so that a changed file is not served from the cache.
     from mmcli.data.images import BadImage, load_image

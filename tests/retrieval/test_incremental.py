@@ -3,6 +3,7 @@ dropped, the result equal to a full re-embed, and an interrupted update never co
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -149,3 +150,79 @@ def test_update_refusals_are_one_line_and_change_nothing(photos, nano_run, tmp_p
 def test_update_without_an_index_embeds_everything(photos, nano_run, tmp_path):
     result = embed_into(photos, tmp_path / "emb.npy", nano_run, update=True)
     assert result["update"] is None and result["count"] == 20
+
+
+def test_a_ctrl_c_during_the_swap_waits_for_it_to_end(photos, shapes_dir, nano_run, tmp_path, monkeypatch):
+    import signal
+
+    out = tmp_path / "emb.npy"
+    embed_into(photos, out, nano_run)
+    change_files(photos, shapes_dir)
+    original, calls = os.replace, {"n": 0}
+
+    def replace_then_interrupt(src, dst):
+        if str(src).endswith(".npy.partial"):  # the rows' rename: the old sidecar is gone, the new one not in
+            calls["n"] += 1
+            os.kill(os.getpid(), signal.SIGINT)  # process-wide, as a Ctrl-C: any thread may receive it
+        original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        embed_into(photos, out, nano_run, update=True)
+    monkeypatch.setattr(os, "replace", original)
+    assert calls["n"] == 1
+    index = ix.open_index(str(out))  # complete: the interrupt was delivered after the swap
+    assert len(index) == 21 and len(index.metadata) == 21
+    assert not os.path.exists(str(out) + ".partial.json") and not os.path.exists(str(out) + ".partial")
+
+
+def test_a_fresh_partial_never_pairs_with_an_old_progress_file(tmp_path):
+    out = str(tmp_path / "emb.npy")
+    rows = np.eye(4, dtype=np.float32)[:2]
+    meta = {"model": {"ref": "m", "arch": "a", "checksum": "c"}, "modality": "text"}
+    with ix.IndexWriter(out, dim=4, capacity=2, meta=meta) as w:
+        w.add(rows, ["x", "y"])
+    stale = {"rows": 6, "dim": 4, "dtype": "float32", "meta": meta, "job": None, "items": list("abcdef"), "skipped": []}
+    with open(out + ".partial.json", "w") as f:
+        json.dump(stale, f)
+    w = ix.IndexWriter(out, dim=4, capacity=2, meta=meta, replace=True)
+    assert not os.path.exists(out + ".partial.json") and w.rows_done == 0
+    w.add(rows[::-1], ["y", "x"])
+    w.finish()
+    assert ix.open_index(out).items == ["y", "x"]
+
+
+def test_a_resumed_run_keeps_the_signatures_the_interrupted_run_saw(photos, nano_run, tmp_path, monkeypatch):
+    out = tmp_path / "emb.npy"
+    original, calls = ix.IndexWriter.add, {"n": 0}
+
+    def add_then_stop(self, rows, items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(self, rows, items)
+
+    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        embed_into(photos, out, nano_run)
+    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    first = photos / "000.png"  # embedded by the interrupted run, then changed before the resume
+    seen = os.stat(first).st_mtime_ns
+    os.utime(first, ns=(seen + 10**9, seen + 10**9))
+    embed_into(photos, out, nano_run)
+    index = ix.open_index(str(out))
+    assert index.metadata.column("mtime_ns")[index.items.index("000.png")] == seen
+    result = embed_into(photos, out, nano_run, update=True)
+    assert result["update"]["changed"] == 1 and result["embedded"] == 1
+
+
+def test_a_new_text_listed_twice_is_embedded_twice(nano_run, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a red circle\n")
+    out = tmp_path / "t.npy"
+    embed(str(texts), str(out), model=str(nano_run), progress=False)
+    texts.write_text("a blue square\na red circle\na blue square\n")
+    result = embed(str(texts), str(out), update=True, progress=False)
+    index = ix.open_index(str(out))
+    assert result["count"] == 3 and index.items == ["a blue square", "a red circle", "a blue square"]
+    assert index.embeddings[0].tobytes() == index.embeddings[2].tobytes()

@@ -301,3 +301,69 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_batcher_lives_on():
         batcher("bad")
     assert batcher("ok") == "OK"
     batcher.close()
+
+
+def test_a_caller_that_gave_up_does_not_stop_the_batcher():
+    import time
+
+    batcher = MicroBatcher(lambda payloads: (time.sleep(0.2), payloads)[1], rows=lambda p: 1)
+    first = batcher.submit("slow")  # being processed
+    time.sleep(0.05)
+    abandoned = batcher.submit("abandoned")  # queued behind it, then cancelled (a client went away)
+    assert abandoned.cancel()
+    assert first.result(timeout=5) == "slow" and batcher("next") == "next"
+    batcher.close()
+
+
+def test_a_rebound_host_and_another_sites_page_are_refused(service):
+    app = create_app(service, allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    client = TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    assert client.get("/api/indexes").status_code == 200
+    assert client.get("http://localhost:8000/api/indexes").status_code == 200
+    assert client.get("http://[::1]:8000/api/indexes").status_code == 200
+    rebound = client.get("/api/image/photos/0", headers={"Host": "attacker.example:8000"})
+    assert rebound.status_code == 400 and "not a name of this server" in rebound.json()["detail"]
+    same_site = client.post("/api/search", json={"text": "a"}, headers={"Origin": "http://127.0.0.1:8000"})
+    assert same_site.status_code == 200
+    other_site = client.post("/knn-service", content=b'{"text": "a"}', headers={"Origin": "http://evil.example"})
+    assert other_site.status_code == 403
+
+
+def test_a_body_without_a_length_is_cut_at_the_limit_and_the_token_comes_first(service, monkeypatch):
+    from mmcli.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 10_000)
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+
+    def chunks(total: int):
+        yield b'{"text": "'
+        for _ in range(total // 1000):
+            yield b"a" * 1000
+        yield b'"}'
+
+    cut = client.post("/api/search", content=chunks(50_000), headers={"content-type": "application/json"})
+    assert cut.status_code == 413 and "limited" in cut.json()["detail"]
+    assert client.post("/api/search", content=chunks(2_000), headers={"content-type": "application/json"}).is_success
+    read: list[int] = []
+
+    def counted(total: int):
+        for chunk in chunks(total):
+            read.append(len(chunk))
+            yield chunk
+
+    guarded = TestClient(create_app(service, token="s3cret"), raise_server_exceptions=False)
+    refused = guarded.post("/api/search", content=counted(50_000), headers={"content-type": "application/json"})
+    assert refused.status_code == 401 and sum(read) < 50_000  # refused before the body was read
+
+
+def test_knn_deduplicates_num_result_ids_candidates_then_keeps_num_images(client):
+    import json
+
+    body = {"text": "a red circle", "modality": "image", "indice_name": "photos"}
+    every = client.post("/knn-service", content=json.dumps({**body, "num_images": 25})).json()
+    deduplicated = client.post("/knn-service", content=json.dumps({**body, "num_images": 25, "deduplicate": True}))
+    kept = [h["id"] for h in deduplicated.json()]
+    five = client.post(
+        "/knn-service", content=json.dumps({**body, "num_images": 5, "num_result_ids": 25, "deduplicate": True})
+    ).json()
+    assert [h["id"] for h in five] == kept[:5] and len(every) == 25

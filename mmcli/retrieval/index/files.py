@@ -26,6 +26,7 @@ _INDEX_SUFFIXES = (
     ".npy.parquet",
     ".npy.partial",
     ".npy.partial.json",
+    ".npy.partial.sidecar",
     ".npy.lock",
     ".npy.faiss",
     ".npy.faiss.json",

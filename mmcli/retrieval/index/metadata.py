@@ -26,6 +26,9 @@ STAT_COLUMNS = ("size", "mtime_ns")
 RESERVED = ("item", "caption", *STAT_COLUMNS)
 """Column names mmcli sets itself; a ``--keep-columns`` name may not be one of them."""
 
+Signature = tuple[int | None, int | None]
+"""A file's ``(size, mtime_ns)``, or ``(None, None)`` for a row that is not a file."""
+
 Columns = dict[str, list]
 """Column name → one value per row (``None`` for a missing value)."""
 
@@ -38,7 +41,7 @@ def metadata_path(path: str) -> str:
     return path + ".parquet"
 
 
-def file_stat(path: str) -> tuple[int | None, int | None]:
+def file_stat(path: str) -> Signature:
     """``(size, mtime_ns)`` of ``path``, or ``(None, None)`` when it cannot be read: the signature
     ``embed --update`` compares (rsync's quick check), without reading the file."""
     try:

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ from mmcli.retrieval.index.files import (
     sidecar_path,
     writer_lock,
 )
-from mmcli.retrieval.index.metadata import MetadataSource, metadata_path, write_metadata
+from mmcli.retrieval.index.metadata import STAT_COLUMNS, MetadataSource, Signature, metadata_path, write_metadata
 
 # Sidecar fields the writer sets itself; the same keys in ``meta`` are ignored.
 _WRITER_KEYS = {
@@ -71,6 +72,8 @@ class ResumeState:
     job: dict | None = None
     """What the interrupted run was embedding (see :class:`IndexWriter`); ``None`` for progress
     files of mmcli versions that did not record it."""
+    signatures: list | None = None
+    """Each written row's file signature as the interrupted run recorded it (see ``signature``)."""
 
 
 class IndexWriter:
@@ -98,6 +101,10 @@ class IndexWriter:
 
     ``metadata``, when given, is called by :meth:`finish` with the items written and returns their
     metadata columns, written to ``<path>.parquet`` (:mod:`~mmcli.retrieval.index.metadata`).
+    ``signature`` gives an item's file signature (size, mtime_ns) as listed by this run; it is
+    recorded as each row is written (kept in the progress file, so a resumed run keeps the
+    signatures of the rows the interrupted run wrote) and becomes the metadata's ``size`` and
+    ``mtime_ns`` columns.
     """
 
     def __init__(
@@ -114,9 +121,10 @@ class IndexWriter:
         lock: FileLock | None = None,
         replace: bool = False,
         metadata: MetadataSource | None = None,
+        signature: Callable[[str], Signature] | None = None,
     ) -> None:
         self.path = _check_npy_path(path)
-        self.replace, self.metadata = replace or overwrite, metadata
+        self.replace, self.metadata, self.signature = replace or overwrite, metadata, signature
         self._columns: list[str] | None = None
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -147,6 +155,9 @@ class IndexWriter:
         self.rows_done = state.rows if state else 0
         self.items: list[str] = list(state.items) if state else []
         self.skipped: list[dict] = list(state.skipped) if state else []
+        # Signatures recorded when each row was written: a resumed run keeps the interrupted run's.
+        recorded = state.signatures if state and state.signatures is not None else None
+        self.signatures: list = list(recorded) if recorded is not None else self._signatures_now(self.items)
         self._array = self._open_partial(max(int(capacity), self.rows_done, 1), resume=state is not None)
         self._last_flush = time.monotonic()
 
@@ -162,7 +173,9 @@ class IndexWriter:
         try:
             with open(_progress(path), encoding="utf-8") as f:
                 p = json.load(f)
-            return ResumeState(p["rows"], p["items"], p["skipped"], p["dim"], p["dtype"], p["meta"], p.get("job"))
+            return ResumeState(
+                p["rows"], p["items"], p["skipped"], p["dim"], p["dtype"], p["meta"], p.get("job"), p.get("signatures")
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None  # progress is written atomically; without it, nothing is safely done
 
@@ -187,6 +200,7 @@ class IndexWriter:
             self._grow(max(end, 2 * len(self._array)))
         self._array[self.rows_done : end] = rows
         self.items.extend(str(item) for item in items)
+        self.signatures.extend(self._signatures_now(items))
         self.rows_done = end
         self._flush_if_due()
 
@@ -206,6 +220,7 @@ class IndexWriter:
             "job": self.job,
             "items": self.items,
             "skipped": self.skipped,
+            "signatures": self.signatures,
         }
         atomic_write_json(_progress(self.path), progress, indent=None)
         self._last_flush = time.monotonic()
@@ -213,9 +228,10 @@ class IndexWriter:
     def finish(self) -> str:
         """Truncate to the rows written, write the metadata and the final sidecar, move all into place.
 
-        The metadata is written beside the partial rows first (the slow part, and the one that can
-        fail); then the swap — old sidecar out, rows in, metadata in, new sidecar — runs with
-        SIGINT and SIGTERM held back, so a Ctrl-C cannot leave a replaced index half old, half new.
+        Everything that takes time or can fail is written beside the partial rows first (the
+        metadata, the new sidecar as a temporary file); then the swap — old sidecar out, rows,
+        metadata and sidecar in, progress out — is a handful of renames, run with SIGINT and SIGTERM
+        deferred, so a Ctrl-C cannot leave a replaced index half old, half new.
         """
         if self._array is None:
             raise RuntimeError(f"{self.path} is already finished")
@@ -226,9 +242,14 @@ class IndexWriter:
             _set_npy_rows(partial, self.rows_done)
             if self.metadata is not None:
                 columns = self.metadata(self.items)
+                if self.signature is not None:
+                    for n, name in enumerate(STAT_COLUMNS):
+                        columns[name] = [sig[n] for sig in self.signatures]
                 write_metadata(partial, self.items, columns)
                 self._columns = ["item", *columns]
-            with _signals_held():
+            sidecar = partial + ".sidecar"
+            atomic_write_json(sidecar, self._final_sidecar(), indent=None)
+            with _signals_deferred():
                 # An old sidecar must never describe the new array, even for an instant.
                 _unlink(sidecar_path(self.path))
                 if self.replace:
@@ -238,11 +259,16 @@ class IndexWriter:
                     os.replace(metadata_path(partial), metadata_path(self.path))
                 else:
                     _unlink(metadata_path(self.path))
-                atomic_write_json(sidecar_path(self.path), self._final_sidecar(), indent=None)
-            _unlink(_progress(self.path))
+                _unlink(_progress(self.path))
+                os.replace(sidecar, sidecar_path(self.path))
         finally:
             self._release()
         return self.path
+
+    def _signatures_now(self, items) -> list:
+        if self.signature is None:
+            return [None] * len(items)
+        return [list(self.signature(str(item))) for item in items]
 
     def __enter__(self) -> IndexWriter:
         return self
@@ -284,6 +310,7 @@ class IndexWriter:
     def _open_partial(self, capacity: int, *, resume: bool) -> np.memmap:
         partial = _partial(self.path)
         if not resume:
+            _unlink(_progress(self.path))  # a progress file without its rows must never describe new ones
             return npy_format.open_memmap(partial, mode="w+", dtype=self.dtype, shape=(capacity, self.dim))
         array = npy_format.open_memmap(partial, mode="r+")
         if array.shape[0] < capacity:
@@ -366,14 +393,25 @@ def _remove_other_layouts(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM back (delivered on exit) around a few renames that must not be split."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+def _signals_deferred():
+    """Defer SIGINT and SIGTERM to the end of the block (delivered then, to the handlers in place
+    before it), around a few renames that must not be split.
+
+    Python runs signal handlers in the main thread whichever thread the signal reached, so replacing
+    the handlers defers them for the whole process (a per-thread signal mask would not: the signal
+    would reach a DataLoader or BLAS thread). Elsewhere than in the main thread handlers cannot be
+    set, and the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received: list[int] = []
+    deferred = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in deferred}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            signal.raise_signal(sig)
