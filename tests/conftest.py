@@ -58,6 +58,25 @@ def signal_after_steps(monkeypatch, steps: int) -> None:
     monkeypatch.setattr(_Loop, "step", step_then_signal)
 
 
+def stopped_at_add(monkeypatch, n: int, run) -> None:
+    """Run ``run()`` with :meth:`IndexWriter.add` raising KeyboardInterrupt (a Ctrl-C) at its ``n``-th
+    call, check that it stopped, and restore the writer."""
+    from mmcli.retrieval import index as ix
+
+    original, calls = ix.IndexWriter.add, {"n": 0}
+
+    def add_then_stop(self, rows, items):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        original(self, rows, items)
+
+    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ix.IndexWriter, "add", original)
+
+
 def save_random_run(out: Path, arch: str = "mmcli-nano", seed: int = 0, modules: dict | None = None) -> Path:
     """A run folder holding a randomly initialised ``arch`` (what ``mmcli pretrain`` would save),
     with the extra ``modules`` given (see :mod:`mmcli.models.multimodal`)."""

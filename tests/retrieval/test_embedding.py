@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from mmcli.commands.embed import run as embed
 from mmcli.errors import MmcliError
 from mmcli.retrieval import index as ix
+from tests.conftest import stopped_at_add
 
 VALID = [
     "a.png",
@@ -129,18 +130,9 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes_to_the_same_index(c
 
 def _embed_interrupted_at_the_second_batch(corpus, out: str, nano_run, monkeypatch) -> None:
     """An embed of ``corpus`` (batches of 3) stopped by Ctrl-C as its second batch is written."""
-    original, calls = ix.IndexWriter.add, {"n": 0}
-
-    def add_then_stop(self, rows, items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        original(self, rows, items)
-
-    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        embed(str(corpus), out, model=str(nano_run), batch_size=3, workers=0, progress=False)
-    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    stopped_at_add(
+        monkeypatch, 2, lambda: embed(str(corpus), out, model=str(nano_run), batch_size=3, workers=0, progress=False)
+    )
 
 
 def test_complete_index_needs_overwrite(corpus, nano_run, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from mmcli.commands.embed import run as embed
 from mmcli.errors import MmcliError
 from mmcli.retrieval import index as ix
+from tests.conftest import stopped_at_add
 
 
 @pytest.fixture
@@ -89,18 +90,7 @@ def test_an_interrupted_update_keeps_the_old_index_and_resumes(photos, shapes_di
     embed_into(photos, out, nano_run)
     old_rows, old_side = np.load(out), (tmp_path / "emb.npy.json").read_bytes()
     change_files(photos, shapes_dir)
-    original, calls = ix.IndexWriter.add, {"n": 0}
-
-    def add_then_stop(self, rows, items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        original(self, rows, items)
-
-    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        embed_into(photos, out, nano_run, update=True)
-    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    stopped_at_add(monkeypatch, 2, lambda: embed_into(photos, out, nano_run, update=True))
     assert np.load(out).tobytes() == old_rows.tobytes()  # the old index, whole and readable
     assert (tmp_path / "emb.npy.json").read_bytes() == old_side
     assert len(ix.open_index(str(out))) == 20
@@ -194,18 +184,7 @@ def test_a_fresh_partial_never_pairs_with_an_old_progress_file(tmp_path):
 
 def test_a_resumed_run_keeps_the_signatures_the_interrupted_run_saw(photos, nano_run, tmp_path, monkeypatch):
     out = tmp_path / "emb.npy"
-    original, calls = ix.IndexWriter.add, {"n": 0}
-
-    def add_then_stop(self, rows, items):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        original(self, rows, items)
-
-    monkeypatch.setattr(ix.IndexWriter, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        embed_into(photos, out, nano_run)
-    monkeypatch.setattr(ix.IndexWriter, "add", original)
+    stopped_at_add(monkeypatch, 2, lambda: embed_into(photos, out, nano_run))
     first = photos / "000.png"  # embedded by the interrupted run, then changed before the resume
     seen = os.stat(first).st_mtime_ns
     os.utime(first, ns=(seen + 10**9, seen + 10**9))
