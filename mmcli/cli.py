@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Built-in datasets (generated locally, nothing is downloaded).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+index_app = typer.Typer(help="FAISS indexes of embedding indexes, built ahead of time.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 # Reusable option types ----------------------------------------------------------------------------
 SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML).", show_default=False)]
@@ -96,6 +98,29 @@ def data_shapes(
         from mmcli.commands.render import render_data_summary
 
         emit(run_shapes(out, n=n, size=size, seed=seed, overwrite=overwrite), as_json, render_data_summary)
+
+
+@index_app.command("build")
+def index_build(
+    index: Annotated[str, typer.Argument(help="The index (.npy, or the base name of its shards).", show_default=False)],
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory the FAISS index may use, e.g. 2GB (default: half this machine's): "
+            "IVF-Flat while the vectors fit, IVF-PQ with exact re-ranking when they do not.",
+            show_default=False,
+        ),
+    ] = None,
+    kind: Annotated[str, typer.Option("--kind", help="auto, flat, ivf, ivfpq or hnsw.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the FAISS file retrieve --faiss and serve --faiss use (emb.npy.faiss), under a memory budget."""
+    with reported_errors():
+        from mmcli.commands.index import build
+        from mmcli.commands.render import render_index_build
+
+        emit(build(index, max_memory=max_memory, kind=kind), as_json, render_index_build)
 
 
 @app.command()

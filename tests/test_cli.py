@@ -15,6 +15,8 @@ COMMANDS = [
     ["embed"],
     ["retrieve"],
     ["serve"],
+    ["index"],
+    ["index", "build"],
     ["fuse"],
     ["caption"],
     ["generate"],

@@ -255,6 +255,24 @@ def render_duplicates(result: dict[str, Any]) -> None:
     )
 
 
+def render_index_build(result: dict[str, Any]) -> None:
+    """What ``mmcli index build`` made: kind, parameters, recall, time, sizes."""
+    params = result["params"]
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("max_memory",)) or "-"
+    gib = 1 << 30
+    rows = [
+        ("FAISS file", result["faiss"]),
+        ("rows", f"{result['rows']:,} × {result['dim']} {result['dtype']}"),
+        ("kind", result["kind"]),
+        ("parameters", shown),
+        ("recall@10 vs exact", _fraction(result["recall_at_10"])),
+        ("build seconds", result["build_seconds"]),
+        ("file size", f"{result['file_bytes'] / gib:.3f} GiB"),
+        ("peak memory", f"{result['peak_rss_bytes'] / gib:.2f} GiB of {result['max_memory'] / gib:.2f} GiB allowed"),
+    ]
+    console.print(key_value_table("index build", rows))
+
+
 def report_faiss_build(result: dict[str, Any]) -> None:
     """On stderr (also under ``--json``): a FAISS index built for this search, and its recall check."""
     search = result["search"]

@@ -1,9 +1,12 @@
 """Approximate nearest-neighbour search over an embedding index with FAISS.
 
-``build_faiss`` picks the index kind by size, tunes its search parameter on held-out rows
-until recall@10 against exact search reaches the target, and saves it next to the ``.npy``;
-``load_or_build_faiss`` reuses a saved one while the index it was built from is unchanged.
-faiss is imported inside the functions, so importing this module stays cheap.
+``build_faiss`` picks the index kind from the row count, the dimension and a memory budget
+(:mod:`mmcli.retrieval.index_plan`: flat, IVF-Flat, IVF-PQ with exact re-ranking, HNSW by name),
+trains it on a sample and adds the rows block by block from the memory-mapped ``.npy`` (shards
+one after another, one id space), tunes its search parameter on held-out rows until recall@10
+against exact search reaches the target, and saves it next to the ``.npy``; ``load_or_build_faiss``
+reuses a saved one while the index it was built from is unchanged. faiss is imported inside the
+functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from mmcli.retrieval.index import (
     read_sidecar,
     recall_at_k,
     search_exact,
+    take_rows,
 )
+from mmcli.retrieval.index_plan import FLAT_MAX_ROWS, HNSW_M, RERANK_FACTOR, IndexPlan, plan_index
 
-FLAT_MAX_ROWS = 10_000
+FLAT_MAX_ROWS = FLAT_MAX_ROWS
 """Below this many rows ``build_faiss(kind="auto")`` builds an exact ``IndexFlatIP``: a scan of
 at most 20 MB (D=512) that needs no training. Above it IVF wins: at 10k×512 it answered in
 0.4-0.6 ms/query against 3-24 ms for the flat scan, at 50k in 0.2 ms against 14-52 ms."""
@@ -48,7 +53,9 @@ RECALL_TARGET = 0.95
 
 _TUNE_RECALL = 0.96  # the target plus a margin for the error of a 200-query estimate
 _RECALL_QUERIES = 200
-_HNSW_M, _HNSW_EF_CONSTRUCTION = 32, 80
+_HNSW_EF_CONSTRUCTION = 80
+_ADD_BLOCK_BYTES = 128 << 20  # rows added at a time, as float32
+_KMEANS_ITERATIONS = 10  # FAISS's default is 25; the coarse centroids change little after 10 (and 10M rows need hours)
 _FINGERPRINT_BYTES = 1 << 20
 
 
@@ -56,10 +63,11 @@ _FINGERPRINT_BYTES = 1 << 20
 class FaissIndex:
     """A FAISS index over an :class:`Index`, with how it was made.
 
-    ``kind`` is ``flat``, ``hnsw`` or ``ivf``; ``params`` the build and (tuned) search
-    parameters; ``recall_at_10`` the recall against exact search measured at build time
+    ``kind`` is ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``; ``params`` the build and (tuned)
+    search parameters; ``recall_at_10`` the recall against exact search measured at build time
     (see :func:`build_faiss`); ``held_out`` the rows added last, after tuning; ``built`` is
-    False when it was loaded from ``path``.
+    False when it was loaded from ``path``. ``rerank`` (IVF-PQ) holds the rows that hits are
+    re-scored against exactly (the memory-mapped index), fetching ``RERANK_FACTOR`` × k candidates.
     """
 
     index: Any
@@ -70,78 +78,122 @@ class FaissIndex:
     path: str | None = None
     built: bool = True
     build_seconds: float = 0.0
+    rerank: Embeddings | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
 
-def choose_faiss_kind(count: int) -> str:
-    """The FAISS index ``kind="auto"`` builds for ``count`` rows: ``flat`` or ``ivf``.
+def choose_faiss_kind(count: int, dim: int = 512, max_memory: int | None = None) -> str:
+    """The FAISS index ``kind="auto"`` builds for ``count`` rows of ``dim`` under ``max_memory``
+    bytes (default: half this machine's memory): ``flat``, ``ivf`` or ``ivfpq`` (see
+    :func:`mmcli.retrieval.index_plan.plan_index`).
 
-    ``flat`` below :data:`FLAT_MAX_ROWS`, else ``ivf`` (IVFFlat, nlist = 4√N, nprobe tuned).
     Measured on 1M×512 float32, two shared cores, clustered synthetic data: IVF built in
     109 s and answered in 0.55 ms/query (one at a time) at recall@10 0.99; HNSW (M=32,
     efConstruction=80) took 412 s to build, needed efSearch=192 and answered in 1.05 ms/query
-    at recall@10 0.96. ``hnsw`` stays available by name.
+    at recall@10 0.96. ``hnsw`` is built only by name.
     """
-    return "flat" if count < FLAT_MAX_ROWS else "ivf"
+    return plan_index(count, dim, max_memory=max_memory).kind
 
 
 def build_faiss(
-    index: Index, *, kind: str = "auto", path: str | None = None, tune_queries: np.ndarray | None = None
+    index: Index,
+    *,
+    kind: str = "auto",
+    path: str | None = None,
+    tune_queries: np.ndarray | None = None,
+    max_memory: int | None = None,
 ) -> FaissIndex:
-    """Build a FAISS index over ``index``, tune its search parameter, and save it at ``path``.
+    """Build a FAISS index over ``index`` under ``max_memory`` bytes, tune its search parameter,
+    and save it at ``path``.
 
-    The search parameter (HNSW ``efSearch``, IVF ``nprobe``) is the smallest that reaches
-    recall@10 ≥ 0.96 against exact search, and that recall is returned. It is measured with
-    ``tune_queries`` (e.g. a sample of text embeddings for an image index) or else with 200
-    indexed rows held out of the index until tuning is done: a row that is already in the
-    index finds itself and its neighbours far too easily and overstates recall.
+    The plan (:func:`~mmcli.retrieval.index_plan.plan_index`) is trained on a sample of rows read
+    from the memory map; the rows are then added in blocks of about 128 MB as float32, so the
+    process holds the index, one block and little else whatever N is. The search parameter (HNSW
+    ``efSearch``, IVF ``nprobe``) is the smallest that reaches recall@10 ≥ 0.96 against exact
+    search, and that recall is returned. It is measured with ``tune_queries`` (e.g. a sample of
+    text embeddings for an image index) or else with 200 indexed rows held out of the index until
+    tuning is done: a row that is already in the index finds itself and its neighbours far too
+    easily and overstates recall.
     """
     faiss = _import_faiss()
-    kind = choose_faiss_kind(len(index)) if kind == "auto" else kind
+    plan = plan_index(len(index), index.dim, kind=kind, max_memory=max_memory)
     start = time.perf_counter()
-    fi, params = _new_faiss_index(faiss, kind, index.embeddings)
+    fi, params = _new_faiss_index(faiss, plan, index.embeddings)
     held_out = _held_out_rows(len(index)) if tune_queries is None else np.zeros(0, np.int64)
     _add_rows(fi, index.embeddings, skip=held_out)
-    queries = query_matrix(index.embeddings[held_out] if tune_queries is None else tune_queries, index.dim)
+    queries = query_matrix(take_rows(index.embeddings, held_out) if tune_queries is None else tune_queries, index.dim)
     exact_ids = _exact_ids_without(index.embeddings, queries, 10, held_out)
-    params, recall = _tune_search(faiss, fi, kind, params, queries, exact_ids, held_out)
+    result = FaissIndex(fi, plan.kind, params, None, held_out, path, True, 0.0)
+    result.rerank = index.embeddings if plan.rerank else None
+    result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
     if held_out.size:
         fi.add(queries)
-    result = FaissIndex(fi, kind, params, recall, held_out, path, True, time.perf_counter() - start)
+    result.build_seconds = time.perf_counter() - start
     if path is not None:
         _save_faiss(faiss, result, index)
     return result
 
 
 def load_or_build_faiss(
-    index: Index, *, kind: str = "auto", path: str | None = None, tune_queries: np.ndarray | None = None
+    index: Index,
+    *,
+    kind: str = "auto",
+    path: str | None = None,
+    tune_queries: np.ndarray | None = None,
+    max_memory: int | None = None,
 ) -> FaissIndex:
-    """The FAISS index saved next to ``index`` if it is of ``kind`` and fresh, else a new one.
+    """The FAISS index saved next to ``index`` if it is fresh (and of ``kind``, unless ``auto``:
+    then whatever ``mmcli index build`` made), else a new one.
 
     Saved as ``<index>.faiss`` plus ``<index>.faiss.json`` (kind, params, recall and a
     fingerprint of the .npy files: a rewritten index is detected and the FAISS one rebuilt).
-    ``tune_queries`` is passed to :func:`build_faiss` when a build is needed.
+    ``tune_queries`` and ``max_memory`` are passed to :func:`build_faiss` when a build is needed.
     """
     path = path or index.path + ".faiss"
-    kind = choose_faiss_kind(len(index)) if kind == "auto" else kind
-    saved = _load_faiss(path, index, kind)
-    return saved if saved is not None else build_faiss(index, kind=kind, path=path, tune_queries=tune_queries)
+    saved = _load_faiss(path, index, None if kind == "auto" else kind)
+    if saved is not None:
+        return saved
+    return build_faiss(index, kind=kind, path=path, tune_queries=tune_queries, max_memory=max_memory)
 
 
 def search_faiss(fi: FaissIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``queries`` in ``fi``: ``(scores, ids)`` as :func:`search_exact` returns them.
 
-    Rows an approximate search could not fill (tiny ``nprobe``) have id -1 and score -inf.
+    An IVF-PQ index fetches ``RERANK_FACTOR`` × k candidates by their codes and orders them by
+    their exact cosine, read from the rows. Rows an approximate search could not fill (tiny
+    ``nprobe``) have id -1 and score -inf.
     """
     q = query_matrix(queries, fi.index.d)
     k = min(int(k), len(fi))
     if k <= 0:
         return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
-    scores, labels = fi.index.search(q, k)
-    ids = _label_rows(labels, fi.held_out, len(fi))
+    scores, ids = _search(fi, q, k, count=len(fi))
     return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids
+
+
+def _search(fi: FaissIndex, q: np.ndarray, k: int, *, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and index rows of the top ``k`` (``count``: the index's rows, held-out ones included)."""
+    fetch = min(int(fi.index.ntotal), k * RERANK_FACTOR) if fi.rerank is not None else k
+    scores, labels = fi.index.search(q, fetch)
+    ids = _label_rows(labels, fi.held_out, count)
+    return _rerank(fi.rerank, q, ids, k) if fi.rerank is not None else (scores, ids)
+
+
+def _rerank(rows: Embeddings, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's candidate ``ids`` by exact cosine with ``rows`` (-1: none),
+    ties to the lower row. Each distinct candidate row is read once."""
+    found = ids >= 0
+    unique = np.unique(ids[found])
+    if not unique.size:
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    vectors = take_rows(rows, unique).astype(np.float32)
+    exact = np.einsum("qd,qcd->qc", q, vectors[np.searchsorted(unique, np.where(found, ids, unique[0]))])
+    exact = np.where(found, exact, -np.inf).astype(np.float32)
+    order = np.lexsort((ids, -exact), axis=1)[:, :k]
+    scores = np.take_along_axis(exact, order, axis=1)
+    return scores, np.where(np.isfinite(scores), np.take_along_axis(ids, order, axis=1), -1)
 
 
 def _label_rows(labels: np.ndarray, held_out: np.ndarray, count: int) -> np.ndarray:
@@ -167,28 +219,25 @@ def _import_faiss():
     return faiss
 
 
-def _ivf_lists(count: int) -> int:
-    # 4·√N lists (FAISS's guideline), capped so every list gets ≥ 39 training points.
-    return max(1, min(int(4 * math.sqrt(count)), count // 39))
-
-
-def _new_faiss_index(faiss, kind: str, embeddings: Embeddings) -> tuple[Any, dict]:
-    """An empty (trained) index of ``kind`` and its build parameters."""
+def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[Any, dict]:
+    """An empty (trained) index for ``plan`` and its build parameters."""
     dim = embeddings.shape[1]
-    if kind == "flat":
+    if plan.kind == "flat":
         return faiss.IndexFlatIP(dim), {}
-    if kind == "hnsw":
-        fi = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        fi = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         fi.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
-        return fi, {"M": _HNSW_M, "efConstruction": _HNSW_EF_CONSTRUCTION}
-    if kind == "ivf":
-        nlist = _ivf_lists(len(embeddings))
-        fi = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-        # 50 points per list: k-means quality levels off there and training stays O(minutes) at 1M.
-        rows = np.random.default_rng(1).choice(len(embeddings), size=min(len(embeddings), 50 * nlist), replace=False)
-        fi.train(np.ascontiguousarray(embeddings[np.sort(rows)], dtype=np.float32))
-        return fi, {"nlist": nlist}
-    raise MmcliError(f"unknown FAISS index kind {kind!r}: choose auto, flat, hnsw or ivf")
+        return fi, {"M": HNSW_M, "efConstruction": _HNSW_EF_CONSTRUCTION}
+    fi = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(fi).cp.niter = _KMEANS_ITERATIONS
+    rows = np.random.default_rng(1).choice(len(embeddings), size=plan.train_rows, replace=False)
+    sample = np.ascontiguousarray(take_rows(embeddings, np.sort(rows)), dtype=np.float32)
+    fi.train(sample)
+    del sample  # the budget's room for the sample is the codes' room next
+    params = {"nlist": plan.nlist, "factory": plan.factory, "train_rows": plan.train_rows}
+    if plan.kind == "ivfpq":
+        params.update(m=plan.m, opq=plan.opq, rerank=RERANK_FACTOR, max_memory=plan.budget)
+    return fi, params
 
 
 def _held_out_rows(count: int) -> np.ndarray:
@@ -201,13 +250,14 @@ def _add_rows(fi, embeddings: Embeddings, *, skip: np.ndarray) -> None:
     """Add every row but ``skip`` to ``fi``, in row order."""
     keep = np.ones(len(embeddings), dtype=bool)
     keep[skip] = False
-    for start, block in iter_row_blocks(embeddings, 65_536):
+    rows = max(1024, _ADD_BLOCK_BYTES // (4 * embeddings.shape[1]))
+    for start, block in iter_row_blocks(embeddings, rows, release=True):  # shard after shard, one id space
         fi.add(np.ascontiguousarray(block[keep[start : start + len(block)]], dtype=np.float32))
 
 
 def _exact_ids_without(embeddings: Embeddings, queries: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
     """Exact top-``k`` ids of ``queries`` among the rows not in ``excluded``."""
-    ids = search_exact(embeddings, queries, k + len(excluded))[1]
+    ids = search_exact(embeddings, queries, k + len(excluded), release=True)[1]
     if not len(excluded):
         return ids
     return np.stack([row[~np.isin(row, excluded)][:k] for row in ids]) if len(ids) else ids[:, :k]
@@ -217,7 +267,7 @@ def _search_ladder(kind: str, params: dict) -> list[int | None]:
     """Search-parameter values to try, cheapest first (None: the kind has no such parameter)."""
     if kind == "hnsw":
         return [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         nlist = params["nlist"]
         return sorted({min(nlist, round(2 ** (i / 2))) for i in range(2 * int(math.log2(nlist)) + 2)})
     return [None]
@@ -227,21 +277,23 @@ def _set_search_param(faiss, fi, kind: str, value: int | None) -> dict:
     if kind == "hnsw":
         fi.hnsw.efSearch = value
         return {"efSearch": value}
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(fi).nprobe = value
         return {"nprobe": value}
     return {}
 
 
-def _tune_search(faiss, fi, kind: str, params: dict, queries: np.ndarray, exact_ids: np.ndarray, held_out: np.ndarray):
-    """The cheapest search parameter reaching the tuning recall (else the largest tried)."""
-    k, count = exact_ids.shape[1], int(fi.ntotal) + len(held_out)
-    for value in _search_ladder(kind, params):
-        chosen = _set_search_param(faiss, fi, kind, value)
-        recall = recall_at_k(_label_rows(fi.search(queries, k)[1], held_out, count), exact_ids) if k else 1.0
+def _tune_search(faiss, fi: FaissIndex, queries: np.ndarray, exact_ids: np.ndarray) -> tuple[dict, float]:
+    """The cheapest search parameter reaching the tuning recall (else the largest tried), and the
+    recall of the whole search with it (re-ranking included), before the held-out rows are added."""
+    k, count = exact_ids.shape[1], int(fi.index.ntotal) + len(fi.held_out)
+    recall, chosen = 1.0, {}
+    for value in _search_ladder(fi.kind, fi.params):
+        chosen = _set_search_param(faiss, fi.index, fi.kind, value)
+        recall = recall_at_k(_search(fi, queries, k, count=count)[1], exact_ids) if k else 1.0
         if recall >= _TUNE_RECALL:
             break
-    return {**params, **chosen}, recall
+    return {**fi.params, **chosen}, recall
 
 
 def _fingerprint(index: Index) -> str:
@@ -281,7 +333,7 @@ def _save_faiss(faiss, fi: FaissIndex, index: Index) -> None:
         raise MmcliError(f"cannot write the FAISS index {fi.path}: {exc}") from exc
 
 
-def _load_faiss(path: str, index: Index, kind: str) -> FaissIndex | None:
+def _load_faiss(path: str, index: Index, kind: str | None) -> FaissIndex | None:
     try:
         with open(path + ".json", encoding="utf-8") as f:
             saved = json.load(f)
@@ -290,18 +342,22 @@ def _load_faiss(path: str, index: Index, kind: str) -> FaissIndex | None:
     fresh = (
         saved.get("format") == "mmcli-faiss"
         and saved.get("version") == VERSION
-        and saved.get("kind") == kind
+        and kind in (None, saved.get("kind"))
         and saved.get("count") == len(index)
         and saved.get("fingerprint") == _fingerprint(index)
     )
     if not fresh or not os.path.exists(path):
         return None
     faiss = _import_faiss()
+    kind = saved["kind"]
     try:
-        fi = faiss.read_index(path)
+        # Inverted lists are memory-mapped, not read: only the lists a query probes are paged in.
+        fi = faiss.read_index(path, faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else 0)
     except RuntimeError:
         return None  # a damaged file is rebuilt
     search_value = saved["params"].get("efSearch", saved["params"].get("nprobe"))
     _set_search_param(faiss, fi, kind, search_value)
     held_out = np.asarray(saved.get("held_out", []), dtype=np.int64)
-    return FaissIndex(fi, kind, saved["params"], saved.get("recall_at_10"), held_out, path, built=False)
+    loaded = FaissIndex(fi, kind, saved["params"], saved.get("recall_at_10"), held_out, path, built=False)
+    loaded.rerank = index.embeddings if kind == "ivfpq" else None
+    return loaded

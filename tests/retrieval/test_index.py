@@ -13,6 +13,7 @@ import pytest
 from mmcli.errors import MmcliError
 from mmcli.retrieval import faiss_index as ann
 from mmcli.retrieval import index as ix
+from mmcli.retrieval import index_plan
 
 META = {
     "model": {"ref": "runs/shapes", "arch": "mmcli-tiny", "checksum": "sha256:abc"},
@@ -441,9 +442,9 @@ def test_recall_at_k_counts_shared_ids():
 
 def test_kind_and_list_count_follow_the_documented_thresholds():
     assert ann.choose_faiss_kind(ann.FLAT_MAX_ROWS - 1) == "flat"
-    assert ann.choose_faiss_kind(ann.FLAT_MAX_ROWS) == ann.choose_faiss_kind(1_000_000) == "ivf"
-    assert ann._ivf_lists(1_000_000) == 4000  # 4·√N
-    assert ann._ivf_lists(10_000) == 256  # capped at N/39 training points per list
+    assert ann.choose_faiss_kind(ann.FLAT_MAX_ROWS) == ann.choose_faiss_kind(1_000_000, 512, 8 << 30) == "ivf"
+    assert index_plan.ivf_lists(1_000_000) == 4000  # 4·√N
+    assert index_plan.ivf_lists(10_000) == 256  # capped at N/39 training points per list
 
 
 def test_faiss_labels_map_back_to_rows_when_rows_were_held_out():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,18 +17,36 @@ _SCORE_BUDGET = 1 << 26  # score-matrix elements per chunk (256 MiB of float32)
 # --------------------------------------------------------------------------------------------
 
 
-def iter_row_blocks(embeddings: Embeddings, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, block) pairs covering ``embeddings`` in blocks of at most ``rows`` rows."""
+def iter_row_blocks(embeddings: Embeddings, rows: int, *, release: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) pairs covering ``embeddings`` in blocks of at most ``rows`` rows.
+
+    ``release`` hands each block's pages of a memory-mapped file back once the caller asks for the
+    next block (``madvise(MADV_DONTNEED)``): a pass over a file larger than memory then keeps the
+    process's resident size at about one block (the pages stay in the OS's file cache).
+    """
     parts = embeddings.parts if isinstance(embeddings, RowConcat) else [embeddings]
     offset = 0
     for part in parts:
         for start in range(0, len(part), rows):
             yield offset + start, part[start : start + rows]
+            if release:
+                _release_rows(part, start, min(rows, len(part) - start))
         offset += len(part)
 
 
+def _release_rows(array: np.ndarray, first: int, count: int) -> None:
+    mapped = getattr(array, "_mmap", None)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or count <= 0:
+        return
+    head = array.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts inside the mapping
+    start = head + first * array.strides[0]
+    end = start + count * array.strides[0]
+    start -= start % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def search_exact(
-    source: Index | Embeddings, queries: np.ndarray, k: int, *, chunk_rows: int = 262_144
+    source: Index | Embeddings, queries: np.ndarray, k: int, *, chunk_rows: int = 262_144, release: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` of ``queries`` (Q×D, L2-normalised) among the rows of ``source``.
 
@@ -44,7 +63,7 @@ def search_exact(
     if k <= 0:
         return best_scores, best_ids
     rows = min(chunk_rows, max(1024, _SCORE_BUDGET // max(len(q), 1)))
-    for start, block in iter_row_blocks(embeddings, rows):
+    for start, block in iter_row_blocks(embeddings, rows, release=release):
         scores = q @ np.asarray(block, dtype=np.float32).T
         ids = _top_k_columns(scores, k)
         chunk_scores = np.take_along_axis(scores, ids, axis=1)

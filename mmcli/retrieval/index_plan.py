@@ -1,0 +1,157 @@
+"""Which FAISS index to build for N rows of dimension D under a memory budget.
+
+``plan_index`` picks, for ``kind="auto"``:
+
+- ``flat`` below :data:`FLAT_MAX_ROWS` rows (an exact scan of at most a few tens of MB);
+- ``ivf`` (IVF-Flat, nlist = 4√N) while a float32 copy of every vector fits the budget;
+- ``ivfpq`` (IVF with product-quantised codes of m bytes a vector, Jégou et al. 2011) when it does
+  not: the largest m (the least compression) whose codes fit, with an OPQ rotation (Ge et al. 2013)
+  when a code has 16 or more dimensions per byte, where it helps recall most. Hits of an IVF-PQ
+  search are re-ranked by their exact cosine, read from the memory-mapped ``.npy``, so recall is
+  limited by the candidates the codes find, not by the codes' own error.
+
+``hnsw`` is built only when asked for by name. Sizes are FAISS's own layouts: float32 vectors,
+8-byte ids per inverted-list entry, float32 centroids and codebooks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from mmcli.errors import MmcliError
+
+FLAT_MAX_ROWS = 10_000
+"""Below this many rows ``auto`` builds an exact ``IndexFlatIP``."""
+
+KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+"""Index kinds ``mmcli index build --kind`` and ``retrieve --faiss`` know."""
+
+HNSW_M = 32
+HNSW_QUANTIZER_ROWS = 1_000_000
+"""From this many rows the IVF coarse quantizer is an HNSW graph over the centroids."""
+RERANK_FACTOR = 10
+"""An IVF-PQ search fetches this many times k candidates and re-ranks them exactly."""
+
+_BUDGET_SHARE = 0.8  # of the budget for the index itself; the rest for the block being added, the sample…
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build: ``kind``, FAISS's ``factory`` string, the IVF ``nlist``, the PQ code bytes
+    ``m``, whether an OPQ rotation precedes it, how many rows train it, and the estimated resident
+    size of the finished index in bytes."""
+
+    kind: str
+    factory: str
+    nlist: int | None
+    m: int | None
+    opq: bool
+    train_rows: int
+    index_bytes: int
+    budget: int
+
+    @property
+    def rerank(self) -> bool:
+        """Whether hits are re-ranked exactly (codes that lose information: IVF-PQ)."""
+        return self.kind == "ivfpq"
+
+    def describe(self) -> dict:
+        """The plan as the FAISS sidecar and the command's output show it."""
+        return {
+            "kind": self.kind,
+            "factory": self.factory,
+            "nlist": self.nlist,
+            "m": self.m,
+            "opq": self.opq,
+            "train_rows": self.train_rows,
+            "index_bytes": self.index_bytes,
+            "max_memory": self.budget,
+            "rerank": RERANK_FACTOR if self.rerank else None,
+        }
+
+
+def parse_memory(text: str) -> int:
+    """``"4GB"``, ``"500M"``, ``"2g"``, ``"123456"`` → bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?b?)\s*", str(text).lower())
+    if match is None or float(match[1]) <= 0:
+        raise MmcliError(f"--max-memory {text}: give a size such as 500MB, 4GB or 2G")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def default_budget() -> int:
+    """Half of this machine's memory: the budget when none is given."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def ivf_lists(count: int) -> int:
+    """4·√N lists (FAISS's guideline), capped so every list gets ≥ 39 training points."""
+    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+def plan_index(count: int, dim: int, *, kind: str = "auto", max_memory: int | None = None) -> IndexPlan:
+    """The index to build for ``count`` rows of ``dim`` under ``max_memory`` bytes (see the module)."""
+    if kind not in KINDS:
+        raise MmcliError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    budget = max_memory or default_budget()
+    room = int(budget * _BUDGET_SHARE)
+    nlist = ivf_lists(count)
+    flat_bytes = count * dim * 4
+    ivf_bytes = flat_bytes + count * 8 + nlist * dim * 4
+    if kind == "auto":
+        kind = "flat" if count < FLAT_MAX_ROWS else "ivf" if ivf_bytes <= room else "ivfpq"
+    if kind == "flat":
+        return IndexPlan("flat", "Flat", None, None, False, 0, flat_bytes, budget)
+    if kind == "hnsw":
+        return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", None, None, False, 0, flat_bytes + count * HNSW_M * 8, budget)
+    train = _train_rows(count, nlist, dim, budget)
+    nlist = min(nlist, max(1, train // 30))  # every list gets ≥ 30 training points
+    if kind == "ivf":
+        return IndexPlan("ivf", f"{_ivf(nlist, count)},Flat", nlist, None, False, train, ivf_bytes, budget)
+    return _plan_pq(count, dim, nlist, train, budget, room)
+
+
+def _plan_pq(count: int, dim: int, nlist: int, train: int, budget: int, room: int) -> IndexPlan:
+    fixed = nlist * dim * 4 + 256 * dim * 4  # coarse centroids, PQ codebooks
+    for m in _code_sizes(dim):
+        opq = dim // m >= 16
+        size = count * (m + 8) + fixed + (dim * dim * 4 if opq else 0)
+        if size <= room:
+            factory = (f"OPQ{m}," if opq else "") + f"{_ivf(nlist, count)},PQ{m}"
+            return IndexPlan("ivfpq", factory, nlist, m, opq, train, size, budget)
+    smallest = count * (_code_sizes(dim)[-1] + 8) + fixed
+    raise MmcliError(
+        f"--max-memory {_human(budget)}: even the smallest IVF-PQ codes of {count:,} rows need about "
+        f"{_human(int(smallest / _BUDGET_SHARE))}; give more memory, or split the index into shards"
+    )
+
+
+def _code_sizes(dim: int) -> list[int]:
+    """PQ code bytes to try, largest (most accurate) first: divisors of ``dim`` from dim/2 down to dim/32."""
+    sizes = [dim // d for d in (2, 4, 8, 16, 32) if dim % d == 0 and dim // d >= 4]
+    return [m for m in sizes if m <= 96] or [min(sizes or [dim])]
+
+
+def _train_rows(count: int, nlist: int, dim: int, budget: int) -> int:
+    # 30 points per list (FAISS warns below 39; k-means cost grows with it), at most half the budget as
+    # float32: the sample is freed before the codes are added.
+    return max(1, min(count, 30 * nlist, budget // 2 // (dim * 4)))
+
+
+def _ivf(nlist: int, count: int) -> str:
+    """The coarse quantizer: exact over the centroids, or an HNSW graph of them past a million rows,
+    where assigning every row to one of thousands of centroids by brute force dominates the build."""
+    return f"IVF{nlist}_HNSW32" if count >= HNSW_QUANTIZER_ROWS else f"IVF{nlist}"
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
