@@ -435,6 +435,14 @@ def retrieve(
         bool,
         typer.Option("--duplicates", help="Find groups of near-duplicate rows of the index instead of searching."),
     ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory a FAISS index built for --faiss may use, e.g. 4GB (default: half this machine's).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index with a text or an image, or list its near duplicates (--duplicates).
@@ -465,6 +473,7 @@ def retrieve(
             overwrite=overwrite,
             model=model,
             threshold=threshold,
+            max_memory=max_memory,
             device=State.device,
         )
         report_faiss_build(result)

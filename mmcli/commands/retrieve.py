@@ -26,6 +26,7 @@ def run(
     overwrite: bool = False,
     model: str | None = None,
     threshold: float | None = None,
+    max_memory: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Top-``k`` items of ``index_path`` for each query (those scoring at least ``threshold``, when
@@ -40,7 +41,9 @@ def run(
         check_grid_paths(index, [grid_path(grid, n, len(queries)) for n in range(len(queries))], overwrite=overwrite)
     encoder = QueryEncoder(index, model_ref=model, device=device)
     vectors = encoder.encode([(q, image or is_image_query(q)) for q in queries])
-    search = make_searcher(index, use_faiss)
+    from mmcli.retrieval.index_plan import parse_memory
+
+    search = make_searcher(index, use_faiss, parse_memory(max_memory) if max_memory else None)
     scores, ids = search(vectors, k)
     out = []
     for n, q in enumerate(queries):

@@ -31,6 +31,7 @@ from mmcli.retrieval.index import (
     query_matrix,
     read_sidecar,
     recall_at_k,
+    release_pages,
     search_exact,
     take_rows,
 )
@@ -52,6 +53,7 @@ RECALL_TARGET = 0.95
 """Recall@10 an approximate index must reach against exact search."""
 
 _TUNE_RECALL = 0.96  # the target plus a margin for the error of a 200-query estimate
+_PLATEAU = 0.002  # recall gained over two more ladder steps below which tuning stops
 _RECALL_QUERIES = 200
 _HNSW_EF_CONSTRUCTION = 80
 _ADD_BLOCK_BYTES = 128 << 20  # rows added at a time, as float32
@@ -232,6 +234,7 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
     faiss.extract_index_ivf(fi).cp.niter = _KMEANS_ITERATIONS
     rows = np.random.default_rng(1).choice(len(embeddings), size=plan.train_rows, replace=False)
     sample = np.ascontiguousarray(take_rows(embeddings, np.sort(rows)), dtype=np.float32)
+    release_pages(embeddings)  # the sample touched pages all over the file
     fi.train(sample)
     del sample  # the budget's room for the sample is the codes' room next
     params = {"nlist": plan.nlist, "factory": plan.factory, "train_rows": plan.train_rows}
@@ -284,16 +287,26 @@ def _set_search_param(faiss, fi, kind: str, value: int | None) -> dict:
 
 
 def _tune_search(faiss, fi: FaissIndex, queries: np.ndarray, exact_ids: np.ndarray) -> tuple[dict, float]:
-    """The cheapest search parameter reaching the tuning recall (else the largest tried), and the
-    recall of the whole search with it (re-ranking included), before the held-out rows are added."""
+    """The cheapest search parameter reaching the tuning recall, and the recall of the whole search
+    with it (re-ranking included), measured before the held-out rows are added.
+
+    When recall stops improving (less than 0.002 over two more steps of the ladder: IVF-PQ's codes
+    cap what more lists can find), the cheapest value of the plateau is kept instead of climbing
+    to a full scan for nothing.
+    """
     k, count = exact_ids.shape[1], int(fi.index.ntotal) + len(fi.held_out)
-    recall, chosen = 1.0, {}
+    tried: list[tuple[int | None, float]] = []
     for value in _search_ladder(fi.kind, fi.params):
-        chosen = _set_search_param(faiss, fi.index, fi.kind, value)
+        _set_search_param(faiss, fi.index, fi.kind, value)
         recall = recall_at_k(_search(fi, queries, k, count=count)[1], exact_ids) if k else 1.0
+        tried.append((value, recall))
         if recall >= _TUNE_RECALL:
             break
-    return {**fi.params, **chosen}, recall
+        if len(tried) >= 3 and recall < tried[-3][1] + _PLATEAU:
+            break
+    best = max(r for _, r in tried)
+    value, recall = next((v, r) for v, r in tried if r >= best - _PLATEAU)
+    return {**fi.params, **_set_search_param(faiss, fi.index, fi.kind, value)}, recall
 
 
 def _fingerprint(index: Index) -> str:

@@ -32,7 +32,7 @@ KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 HNSW_M = 32
 HNSW_QUANTIZER_ROWS = 1_000_000
 """From this many rows the IVF coarse quantizer is an HNSW graph over the centroids."""
-RERANK_FACTOR = 10
+RERANK_FACTOR = 20
 """An IVF-PQ search fetches this many times k candidates and re-ranks them exactly."""
 
 _BUDGET_SHARE = 0.8  # of the budget for the index itself; the rest for the block being added, the sample…

@@ -25,8 +25,8 @@ class _Exact:
 class _Faiss:
     """FAISS search, loading the index's cached FAISS file or building (and tuning) one."""
 
-    def __init__(self, index: ix.Index):
-        self.fi = ann.load_or_build_faiss(index)
+    def __init__(self, index: ix.Index, max_memory: int | None = None):
+        self.fi = ann.load_or_build_faiss(index, max_memory=max_memory)
 
     def __call__(self, queries, k: int):
         return ann.search_faiss(self.fi, queries, k)
@@ -43,8 +43,9 @@ class _Faiss:
         }
 
 
-def make_searcher(index: ix.Index, use_faiss: bool):
-    """Exact search, or FAISS when asked or above :data:`mmcli.retrieval.faiss_index.FAISS_AUTO_THRESHOLD` rows."""
+def make_searcher(index: ix.Index, use_faiss: bool, max_memory: int | None = None):
+    """Exact search, or FAISS when asked or above :data:`mmcli.retrieval.faiss_index.FAISS_AUTO_THRESHOLD`
+    rows (a saved FAISS file, else one built under ``max_memory`` bytes: :mod:`mmcli.retrieval.index_plan`)."""
     if use_faiss or len(index) > ann.FAISS_AUTO_THRESHOLD:
-        return _Faiss(index)
+        return _Faiss(index, max_memory)
     return _Exact(index)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat
 
 _SCORE_BUDGET = 1 << 26  # score-matrix elements per chunk (256 MiB of float32)
+_FEW_QUERIES = 64  # up to this many queries, blocks are scored in parallel threads
+_WIDEN_ROWS = 4096  # float16 rows widened to float32 at a time (8 MiB at D=512)
+_POOL: ThreadPoolExecutor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,6 +37,12 @@ def iter_row_blocks(embeddings: Embeddings, rows: int, *, release: bool = False)
             if release:
                 _release_rows(part, start, min(rows, len(part) - start))
         offset += len(part)
+
+
+def release_pages(embeddings: Embeddings) -> None:
+    """Hand back every resident page of a memory-mapped index (after random reads: a sample)."""
+    for part in embeddings.parts if isinstance(embeddings, RowConcat) else [embeddings]:
+        _release_rows(part, 0, len(part))
 
 
 def _release_rows(array: np.ndarray, first: int, count: int) -> None:
@@ -63,12 +74,36 @@ def search_exact(
     if k <= 0:
         return best_scores, best_ids
     rows = min(chunk_rows, max(1024, _SCORE_BUDGET // max(len(q), 1)))
-    for start, block in iter_row_blocks(embeddings, rows, release=release):
-        scores = q @ np.asarray(block, dtype=np.float32).T
-        ids = _top_k_columns(scores, k)
-        chunk_scores = np.take_along_axis(scores, ids, axis=1)
-        best_scores, best_ids = _merge_top_k(best_scores, best_ids, chunk_scores, ids + start, k)
+    blocks = iter_row_blocks(embeddings, rows, release=release)
+    if len(q) <= _FEW_QUERIES and (os.cpu_count() or 1) > 1 and not release:
+        found = _pool().map(lambda item: _block_top_k(q, item[1], k, item[0]), blocks)
+    else:
+        found = (_block_top_k(q, block, k, start) for start, block in blocks)
+    for chunk_scores, chunk_ids in found:
+        best_scores, best_ids = _merge_top_k(best_scores, best_ids, chunk_scores, chunk_ids, k)
     return best_scores, best_ids
+
+
+def _block_top_k(q: np.ndarray, block: np.ndarray, k: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``k`` of ``q`` in one block (ids counted from ``start``). float16 rows are widened
+    to float32 a slice at a time, small enough to stay in cache, never the whole block."""
+    if block.dtype == np.float32:
+        scores = q @ np.asarray(block).T
+    else:
+        scores = np.empty((len(q), len(block)), np.float32)
+        for at in range(0, len(block), _WIDEN_ROWS):
+            scores[:, at : at + _WIDEN_ROWS] = q @ np.asarray(block[at : at + _WIDEN_ROWS], dtype=np.float32).T
+    ids = _top_k_columns(scores, k)
+    return np.take_along_axis(scores, ids, axis=1), ids + start
+
+
+def _pool() -> ThreadPoolExecutor:
+    # One worker per core: NumPy releases the GIL while it widens and multiplies, so blocks are
+    # scored in parallel (a single query alone would use one core: a matrix-vector product).
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="mmcli-exact")
+    return _POOL
 
 
 def query_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
