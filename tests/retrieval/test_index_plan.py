@@ -95,3 +95,14 @@ def test_index_build_command_and_retrieve_use_the_same_file(rows, tmp_path):
     assert result["params"]["m"] == 16 and result["params"]["nprobe"] >= 1  # 32 dims, 2 per byte
     fi = ann.load_or_build_faiss(ix.open_index(path))
     assert not fi.built and fi.params == result["params"]
+
+
+@pytest.mark.parametrize("queries", [1, 5, 100])  # up to 64: blocks scored in parallel threads; more: in turn
+def test_exact_search_of_float16_rows_equals_numpy_brute_force(rows, tmp_path, queries):
+    index = ix.open_index(write(tmp_path / "emb.npy", rows))
+    q = clustered(queries, 32, 3)
+    scores, ids = ix.search_exact(index, q, 7, chunk_rows=3_000)  # several blocks, a last short one
+    full = q @ np.asarray(index.embeddings, dtype=np.float32).T
+    want = np.argsort(-full, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, want, axis=1), atol=1e-6)

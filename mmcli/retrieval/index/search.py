@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,11 +91,25 @@ def _block_top_k(q: np.ndarray, block: np.ndarray, k: int, start: int) -> tuple[
     if block.dtype == np.float32:
         scores = q @ np.asarray(block).T
     else:
-        scores = np.empty((len(q), len(block)), np.float32)
-        for at in range(0, len(block), _WIDEN_ROWS):
-            scores[:, at : at + _WIDEN_ROWS] = q @ np.asarray(block[at : at + _WIDEN_ROWS], dtype=np.float32).T
+        scores = _widened_scores(q, block)
     ids = _top_k_columns(scores, k)
     return np.take_along_axis(scores, ids, axis=1), ids + start
+
+
+def _widened_scores(q: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """``q`` against float16 rows in float32, widened a slice at a time. torch widens with the
+    CPU's conversion instructions, about 4× faster than NumPy's loop (1M × 512: 0.2 s against 0.9 s
+    on one core); torch is imported only here, so reading an index does not pay for it."""
+    import torch
+
+    scores = np.empty((len(block), len(q)), np.float32)
+    queries = torch.from_numpy(np.ascontiguousarray(q.T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only memory map: torch only reads it
+        for at in range(0, len(block), _WIDEN_ROWS):
+            rows = torch.from_numpy(np.asarray(block[at : at + _WIDEN_ROWS])).float()
+            torch.matmul(rows, queries, out=torch.from_numpy(scores[at : at + _WIDEN_ROWS]))
+    return scores.T
 
 
 def _pool() -> ThreadPoolExecutor:
