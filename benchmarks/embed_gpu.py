@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from embed_throughput import make_images, make_run  # the same JPEGs and run-folder maker
+from embed_throughput import make_images, make_run, mmcli_embed  # the same JPEGs, model and embed run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,23 +81,6 @@ def reference(run_dir: Path, paths, args) -> float:
     seconds = time.perf_counter() - start
     assert sum(len(r) for r in rows) == len(paths)
     return len(paths) / seconds
-
-
-def mmcli_embed(run_dir: Path, folder: Path, out: Path, args) -> float:
-    from mmcli.commands.embed import run as embed
-
-    result = embed(
-        str(folder),
-        str(out),
-        model=str(run_dir),
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overwrite=True,
-        device=args.device,
-        progress=False,
-    )
-    assert result["count"] == args.images
-    return result["items_per_s"]
 
 
 def _sync(device: torch.device) -> None:

@@ -35,12 +35,13 @@ from mmcli.retrieval.index import (
     search_exact,
     take_rows,
 )
-from mmcli.retrieval.index_plan import FLAT_MAX_ROWS, HNSW_M, RERANK_FACTOR, IndexPlan, plan_index
-
-FLAT_MAX_ROWS = FLAT_MAX_ROWS
-"""Below this many rows ``build_faiss(kind="auto")`` builds an exact ``IndexFlatIP``: a scan of
-at most 20 MB (D=512) that needs no training. Above it IVF wins: at 10k×512 it answered in
-0.4-0.6 ms/query against 3-24 ms for the flat scan, at 50k in 0.2 ms against 14-52 ms."""
+from mmcli.retrieval.index_plan import (
+    FLAT_MAX_ROWS,  # noqa: F401 - re-exported: callers knew it here
+    HNSW_M,
+    RERANK_FACTOR,
+    IndexPlan,
+    plan_index,
+)
 
 FAISS_AUTO_THRESHOLD = 2_000_000
 """Above this many rows retrieval uses FAISS instead of :func:`search_exact`. Exact search

@@ -123,24 +123,28 @@ def merge_rows(
             if pos >= len(todo):
                 raise RuntimeError(f"embedded items {sorted(fresh)[:3]} are not in the update's list")
             key = todo[pos]
-            if key in kept:
-                out_keys.append(key)
-                out_rows.append(ix.take_rows(old, [kept[key]])[0])
-            elif fresh.get(key):
+            if key in kept:  # kept rows among this batch's keys: what came before goes first, then the run
+                yield out_keys, _stacked(out_rows), out_bad
+                out_keys, out_rows, out_bad = [], [], []
+                yield from kept_runs()
+                continue
+            if fresh.get(key):
                 out_keys.append(key)
                 out_rows.append(fresh[key].popleft())
-                waiting -= 1
             elif failed.get(key):
                 out_bad.append((key, failed[key].popleft()))
-                waiting -= 1
             else:
                 raise RuntimeError(f"{key} was not embedded before the items after it")
+            waiting -= 1
             pos += 1
-        rows_out = np.stack(out_rows) if out_rows else np.zeros((0, 0), np.float32)
-        yield out_keys, rows_out, out_bad
+        yield out_keys, _stacked(out_rows), out_bad
     yield from kept_runs()
     if pos != len(todo):
         raise RuntimeError(f"{todo[pos]} was neither kept nor embedded")
+
+
+def _stacked(rows: list[np.ndarray]) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def metadata_source(items: Sequence[Item]) -> MetadataSource:
