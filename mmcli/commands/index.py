@@ -28,6 +28,8 @@ def build(index_path: str, *, max_memory: str | None = None, kind: str = "auto")
         "recall_at_10": fi.recall_at_10,
         "build_seconds": round(fi.build_seconds, 1),
         "file_bytes": os.path.getsize(fi.path),
+        "lists_file": os.path.abspath(fi.path + ".ivfdata") if fi.params.get("on_disk") else None,
+        "lists_file_bytes": os.path.getsize(fi.path + ".ivfdata") if fi.params.get("on_disk") else 0,
         "max_memory": budget,
         "peak_rss_bytes": _peak_rss(),
     }

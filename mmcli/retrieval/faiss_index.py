@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ import numpy as np
 
 from mmcli.errors import MmcliError
 from mmcli.io import atomic_write, atomic_write_json
+from mmcli.retrieval import ivf_on_disk
 from mmcli.retrieval.index import (
     VERSION,
     Embeddings,
@@ -31,7 +34,6 @@ from mmcli.retrieval.index import (
     query_matrix,
     read_sidecar,
     recall_at_k,
-    release_pages,
     search_exact,
     take_rows,
 )
@@ -61,6 +63,7 @@ _HNSW_EF_CONSTRUCTION = 80
 _ADD_BLOCK_BYTES = 128 << 20  # rows added at a time, as float32
 _KMEANS_ITERATIONS = 10  # FAISS's default is 25; the coarse centroids change little after 10 (and 10M rows need hours)
 _FINGERPRINT_BYTES = 1 << 20
+_SAMPLE_REGION_ROWS = 65_536
 
 
 @dataclass
@@ -72,6 +75,7 @@ class FaissIndex:
     (see :func:`build_faiss`); ``held_out`` the rows added last, after tuning; ``built`` is
     False when it was loaded from ``path``. ``rerank`` (IVF-PQ) holds the rows that hits are
     re-scored against exactly (the memory-mapped index), fetching ``RERANK_FACTOR`` × k candidates.
+    ``lists_file`` is where a freshly built index keeps its on-disk inverted lists until it is saved.
     """
 
     index: Any
@@ -83,6 +87,7 @@ class FaissIndex:
     built: bool = True
     build_seconds: float = 0.0
     rerank: Embeddings | None = field(default=None, repr=False)
+    lists_file: str | None = None
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -126,18 +131,61 @@ def build_faiss(
     start = time.perf_counter()
     fi, params = _new_faiss_index(faiss, plan, index.embeddings)
     held_out = _held_out_rows(len(index)) if tune_queries is None else np.zeros(0, np.int64)
-    _add_rows(fi, index.embeddings, skip=held_out)
     queries = query_matrix(take_rows(index.embeddings, held_out) if tune_queries is None else tune_queries, index.dim)
     exact_ids = _exact_ids_without(index.embeddings, queries, 10, held_out)
-    result = FaissIndex(fi, plan.kind, params, None, held_out, path, True, 0.0)
-    result.rerank = index.embeddings if plan.rerank else None
-    result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
-    if held_out.size:
-        fi.add(queries)
+    if plan.on_disk:
+        result = _build_on_disk(faiss, plan, index, fi, params, held_out, queries, exact_ids, path)
+    else:
+        _add_rows(fi, index.embeddings, skip=held_out)
+        result = FaissIndex(fi, plan.kind, params, None, held_out, path, True, 0.0)
+        result.rerank = index.embeddings if plan.rerank else None
+        result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
+        if held_out.size:
+            fi.add(queries)
     result.build_seconds = time.perf_counter() - start
     if path is not None:
         _save_faiss(faiss, result, index)
     return result
+
+
+def _build_on_disk(
+    faiss, plan: IndexPlan, index: Index, trained, params: dict, held_out: np.ndarray, queries, exact_ids, path
+) -> FaissIndex:
+    """Codes written in shards of ``plan.shard_rows`` rows, the search tuned over the shards side by
+    side, then every shard (the held-out rows' last) merged into one on-disk lists file, staged in
+    a folder beside ``path`` until :func:`_save_faiss` moves it into place."""
+    name = os.path.basename(path) if path else "index.faiss"
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".building", dir=os.path.dirname(path) if path else None)
+    try:
+        fresh = lambda: _fresh_copy(faiss, trained)  # noqa: E731
+        files = ivf_on_disk.write_shards(fresh, _kept_blocks(index.embeddings, held_out), plan.shard_rows, staging)
+        kept = ivf_on_disk.ShardLists(faiss, files)
+        view = ivf_on_disk.StackedView(faiss, trained, kept)
+        result = FaissIndex(view.index, plan.kind, {**params, "on_disk": True}, None, held_out, path, True, 0.0)
+        result.rerank = index.embeddings
+        result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
+        view.close()
+        kept.close()
+        if held_out.size:
+            files += ivf_on_disk.write_shards(fresh, [queries], len(queries), staging, first_label=kept.ntotal)
+        every = ivf_on_disk.ShardLists(faiss, files)
+        result.lists_file = os.path.join(staging, name + ".ivfdata")
+        result.index = ivf_on_disk.merge_on_disk(faiss, trained, every, result.lists_file)
+        every.close()
+        for file in files:
+            os.unlink(file)
+        _set_search_param(faiss, result.index, plan.kind, result.params["nprobe"])
+        return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fresh_copy(faiss, trained):
+    """An empty copy of a trained index, its coarse quantizer searching as deep as the original."""
+    copy = faiss.clone_index(trained)
+    _set_quantizer_ef(faiss, faiss.extract_index_ivf(copy), _QUANTIZER_EF)
+    return copy
 
 
 def load_or_build_faiss(
@@ -237,14 +285,24 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
     ivf.cp.niter = _KMEANS_ITERATIONS
     _set_quantizer_ef(faiss, ivf, _QUANTIZER_EF)  # rows assigned to a wrong list are found by no nprobe
     rows = np.random.default_rng(1).choice(len(embeddings), size=plan.train_rows, replace=False)
-    sample = np.ascontiguousarray(take_rows(embeddings, np.sort(rows)), dtype=np.float32)
-    release_pages(embeddings)  # the sample touched pages all over the file
+    sample = _sample_rows(embeddings, np.sort(rows))
     fi.train(sample)
     del sample  # the budget's room for the sample is the codes' room next
     params = {"nlist": plan.nlist, "factory": plan.factory, "train_rows": plan.train_rows}
     if plan.kind == "ivfpq":
         params.update(m=plan.m, opq=plan.opq, rerank=RERANK_FACTOR, max_memory=plan.budget)
     return fi, params
+
+
+def _sample_rows(embeddings: Embeddings, rows: np.ndarray) -> np.ndarray:
+    """float32 copies of the sorted ``rows``, read a region of the file at a time and each region's
+    pages handed back before the next: a random sample touches pages all over the file, and at
+    10M rows they would otherwise stay resident as GBs of the process's memory."""
+    sample = np.empty((len(rows), embeddings.shape[1]), np.float32)
+    for start, block in iter_row_blocks(embeddings, _SAMPLE_REGION_ROWS, release=True):
+        first, last = np.searchsorted(rows, [start, start + len(block)])
+        sample[first:last] = block[rows[first:last] - start]
+    return sample
 
 
 def _set_quantizer_ef(faiss, ivf, ef: int) -> None:
@@ -262,16 +320,25 @@ def _held_out_rows(count: int) -> np.ndarray:
 
 def _add_rows(fi, embeddings: Embeddings, *, skip: np.ndarray) -> None:
     """Add every row but ``skip`` to ``fi``, in row order."""
+    for block in _kept_blocks(embeddings, skip):
+        fi.add(block)
+
+
+def _kept_blocks(embeddings: Embeddings, skip: np.ndarray):
+    """Every row but ``skip``, in row order, as float32 blocks of about 128 MB (shard after shard),
+    each block's pages of the memory map handed back once the next is asked for."""
     keep = np.ones(len(embeddings), dtype=bool)
     keep[skip] = False
     rows = max(1024, _ADD_BLOCK_BYTES // (4 * embeddings.shape[1]))
-    for start, block in iter_row_blocks(embeddings, rows, release=True):  # shard after shard, one id space
-        fi.add(np.ascontiguousarray(block[keep[start : start + len(block)]], dtype=np.float32))
+    for start, block in iter_row_blocks(embeddings, rows, release=True):
+        yield np.ascontiguousarray(block[keep[start : start + len(block)]], dtype=np.float32)
 
 
 def _exact_ids_without(embeddings: Embeddings, queries: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
     """Exact top-``k`` ids of ``queries`` among the rows not in ``excluded``."""
-    ids = search_exact(embeddings, queries, k + len(excluded), release=True)[1]
+    # Smaller blocks than a search's default: the score matrix and argpartition's ids of 200 queries
+    # over 262k rows would add ~0.7 GB to the build's peak.
+    ids = search_exact(embeddings, queries, k + len(excluded), chunk_rows=65_536, release=True)[1]
     if not len(excluded):
         return ids
     return np.stack([row[~np.isin(row, excluded)][:k] for row in ids]) if len(ids) else ids[:, :k]
@@ -338,8 +405,19 @@ def _fingerprint(index: Index) -> str:
 
 
 def _save_faiss(faiss, fi: FaissIndex, index: Index) -> None:
+    """The FAISS file, its lists file when they are on disk, and last the description that makes
+    them count as fresh (removed first: a reader never pairs an old description with new files)."""
+    lists = fi.path + ".ivfdata"
     try:
+        if os.path.exists(fi.path + ".json"):
+            os.unlink(fi.path + ".json")
+        if fi.lists_file is not None:
+            os.replace(fi.lists_file, lists)
+            shutil.rmtree(os.path.dirname(fi.lists_file), ignore_errors=True)
+            fi.lists_file = None
         atomic_write(fi.path, lambda tmp: faiss.write_index(fi.index, str(tmp)))
+        if not fi.params.get("on_disk") and os.path.exists(lists):
+            os.unlink(lists)  # an earlier on-disk build's lists
         atomic_write_json(
             fi.path + ".json",
             {
@@ -378,7 +456,10 @@ def _load_faiss(path: str, index: Index, kind: str | None) -> FaissIndex | None:
     kind = saved["kind"]
     try:
         # Inverted lists are memory-mapped, not read: only the lists a query probes are paged in.
-        fi = faiss.read_index(path, faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else 0)
+        if saved["params"].get("on_disk"):
+            fi = ivf_on_disk.read_on_disk(faiss, path)
+        else:
+            fi = faiss.read_index(path, faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else 0)
     except RuntimeError:
         return None  # a damaged file is rebuilt
     search_value = saved["params"].get("efSearch", saved["params"].get("nprobe"))

@@ -8,7 +8,11 @@
   not: the largest m (the least compression) whose codes fit, with an OPQ rotation (Ge et al. 2013)
   when a code has 16 or more dimensions per byte, where it helps recall most. Hits of an IVF-PQ
   search are re-ranked by their exact cosine, read from the memory-mapped ``.npy``, so recall is
-  limited by the candidates the codes find, not by the codes' own error.
+  limited by the candidates the codes find, not by the codes' own error;
+- ``ivfpq`` with its inverted lists **on disk** when even the smallest codes do not fit: the codes
+  (and 8-byte ids) of all rows are written to ``<index>.faiss.ivfdata`` and memory-mapped; memory
+  holds the centroids and codebooks, and while building one group of rows' codes at a time
+  (:attr:`IndexPlan.shard_rows`).
 
 ``hnsw`` is built only when asked for by name. Sizes are FAISS's own layouts: float32 vectors,
 8-byte ids per inverted-list entry, float32 centroids and codebooks.
@@ -37,6 +41,7 @@ HNSW_QUANTIZER_ROWS = 1_000_000
 RERANK_FACTOR = 20
 """An IVF-PQ search fetches this many times k candidates and re-ranks them exactly."""
 
+_MIN_SHARD_ROWS = 1_000  # rows whose codes an on-disk build holds at a time, at the least
 _BUDGET_SHARE = 0.8  # of the budget for the index itself; the rest for the block being added, the sample…
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
 
@@ -44,8 +49,9 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 2
 @dataclass(frozen=True)
 class IndexPlan:
     """What to build: ``kind``, FAISS's ``factory`` string, the IVF ``nlist``, the PQ code bytes
-    ``m``, whether an OPQ rotation precedes it, how many rows train it, and the estimated resident
-    size of the finished index in bytes."""
+    ``m``, whether an OPQ rotation precedes it, how many rows train it, the estimated resident
+    size of the finished index in bytes, and for inverted lists kept on disk (``on_disk``) how many
+    rows' codes are built in memory at a time (``shard_rows``) and the size of the lists file."""
 
     kind: str
     factory: str
@@ -55,6 +61,9 @@ class IndexPlan:
     train_rows: int
     index_bytes: int
     budget: int
+    on_disk: bool = False
+    shard_rows: int | None = None
+    disk_bytes: int = 0
 
     @property
     def rerank(self) -> bool:
@@ -73,6 +82,8 @@ class IndexPlan:
             "index_bytes": self.index_bytes,
             "max_memory": self.budget,
             "rerank": RERANK_FACTOR if self.rerank else None,
+            "on_disk": self.on_disk,
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -127,11 +138,23 @@ def _plan_pq(count: int, dim: int, nlist: int, train: int, budget: int, room: in
         if size <= room:
             factory = (f"OPQ{m}," if opq else "") + f"{_ivf(nlist, count)},PQ{m}"
             return IndexPlan("ivfpq", factory, nlist, m, opq, train, size, budget)
-    smallest = count * (_code_sizes(dim)[-1] + 8) + fixed
-    raise MmcliError(
-        f"--max-memory {_human(budget)}: even the smallest IVF-PQ codes of {count:,} rows need about "
-        f"{_human(int(smallest / _BUDGET_SHARE))}; give more memory, or split the index into shards"
-    )
+    return _plan_on_disk(count, dim, nlist, train, budget, room, fixed)
+
+
+def _plan_on_disk(count: int, dim: int, nlist: int, train: int, budget: int, room: int, fixed: int) -> IndexPlan:
+    """IVF-PQ with the most accurate codes, kept in an on-disk inverted-lists file: memory holds the
+    centroids and codebooks, and while building the codes of ``shard_rows`` rows at a time."""
+    m = _code_sizes(dim)[0]
+    opq = dim // m >= 16
+    resident = fixed + (dim * dim * 4 if opq else 0)
+    shard_rows = (room - resident) // (m + 8)
+    if shard_rows < _MIN_SHARD_ROWS:
+        raise MmcliError(
+            f"--max-memory {_human(budget)}: the centroids and codebooks of {count:,} rows alone need about "
+            f"{_human(int((resident + _MIN_SHARD_ROWS * (m + 8)) / _BUDGET_SHARE))}; give more memory"
+        )
+    factory = (f"OPQ{m}," if opq else "") + f"{_ivf(nlist, count)},PQ{m}"
+    return IndexPlan("ivfpq", factory, nlist, m, opq, train, resident, budget, True, shard_rows, count * (m + 8))
 
 
 def _code_sizes(dim: int) -> list[int]:
@@ -141,9 +164,10 @@ def _code_sizes(dim: int) -> list[int]:
 
 
 def _train_rows(count: int, nlist: int, dim: int, budget: int) -> int:
-    # 30 points per list (FAISS warns below 39; k-means cost grows with it), at most half the budget as
-    # float32: the sample is freed before the codes are added.
-    return max(1, min(count, 30 * nlist, budget // 2 // (dim * 4)))
+    # 30 points per list (FAISS warns below 39; k-means cost grows with it), at most a quarter of the
+    # budget as float32: training IVF-PQ holds the sample and its residuals to the centroids (another
+    # copy); both are freed before the codes are added.
+    return max(1, min(count, 30 * nlist, budget // 4 // (dim * 4)))
 
 
 def _ivf(nlist: int, count: int) -> str:

@@ -1,7 +1,13 @@
 """FAISS under a memory budget: the plan's choices computed by hand, an IVF-PQ index that reaches
-its recall through exact re-ranking, the same index from shards, and mmcli index build."""
+its recall through exact re-ranking, lists on disk past the budget, the same index from shards,
+and mmcli index build."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,8 +38,17 @@ def test_the_plan_follows_the_budget():
     assert plan.index_bytes == 1_000_000 * (64 + 8) + 4000 * 512 * 4 + 256 * 512 * 4
     tight = plan_index(10_000_000, 512, max_memory=400 << 20)  # 64 B codes (720 MB) do not fit: 16 B with OPQ
     assert (tight.m, tight.opq, tight.factory.startswith("OPQ16,")) == (16, True, True)
-    with pytest.raises(MmcliError, match="even the smallest IVF-PQ codes"):
-        plan_index(100_000_000, 512, max_memory=1 << 30)
+    # 100M rows: even 16 B codes (2.4 GB) exceed 0.8 GiB, so the 64 B codes go to an on-disk lists file
+    huge = plan_index(100_000_000, 512, max_memory=1 << 30)
+    assert (huge.kind, huge.m, huge.opq, huge.on_disk) == ("ivfpq", 64, False, True)
+    train = (1 << 30) // 4 // (512 * 4)  # a quarter of the budget as float32 rows: 131,072
+    nlist = train // 30  # 4·√N = 40,000 lists would get < 30 training points each: 4,369
+    resident = nlist * 512 * 4 + 256 * 512 * 4  # centroids and codebooks stay in memory
+    assert (huge.train_rows, huge.nlist, huge.index_bytes) == (train, nlist, resident)
+    assert huge.shard_rows == (int((1 << 30) * 0.8) - resident) // (64 + 8)  # codes + ids built at a time
+    assert huge.disk_bytes == 100_000_000 * (64 + 8)
+    with pytest.raises(MmcliError, match="centroids and codebooks"):
+        plan_index(100_000_000, 512, max_memory=600_000)  # not even the codebooks fit
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -95,6 +110,50 @@ def test_index_build_command_and_retrieve_use_the_same_file(rows, tmp_path):
     assert result["params"]["m"] == 16 and result["params"]["nprobe"] >= 1  # 32 dims, 2 per byte
     fi = ann.load_or_build_faiss(ix.open_index(path))
     assert not fi.built and fi.params == result["params"]
+
+
+def test_an_on_disk_build_finds_what_the_same_index_in_memory_finds(rows, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from mmcli.retrieval import index_plan
+
+    path = write(tmp_path / "emb.npy", rows)
+    budget = 300 * 1024  # 20k rows' 16 B codes + ids (480 KB) exceed it: lists on disk, in shards
+    plan = index_plan.plan_index(len(rows), 32, max_memory=budget)
+    assert plan.on_disk and plan.shard_rows < len(rows) // 2  # three shards and the held-out rows' one
+    on_disk = ann.load_or_build_faiss(ix.open_index(path), max_memory=budget)
+    assert on_disk.params["on_disk"] and os.path.exists(path + ".faiss.ivfdata")
+    assert sorted(os.listdir(tmp_path)) == sorted(  # the staging folder and its shards are gone
+        ["emb.npy", "emb.npy.json", "emb.npy.faiss", "emb.npy.faiss.ivfdata", "emb.npy.faiss.json"]
+    )
+    assert len(on_disk) == len(rows)  # the held-out rows joined after tuning
+
+    # The same plan built in memory: same sample, same training, so the same codes and answers.
+    monkeypatch.setattr(ann, "plan_index", lambda *a, **k: dataclasses.replace(plan, on_disk=False))
+    in_memory = ann.build_faiss(ix.open_index(write(tmp_path / "mem" / "emb.npy", rows)), max_memory=budget)
+    monkeypatch.undo()
+    assert in_memory.params["nprobe"] == on_disk.params["nprobe"] and in_memory.recall_at_10 == on_disk.recall_at_10
+    queries = np.concatenate([clustered(100, 32, 4), rows[on_disk.held_out[:20]]])  # held-out rows found too
+    want = ann.search_faiss(in_memory, queries, 10)
+    np.testing.assert_array_equal(ann.search_faiss(on_disk, queries, 10)[1], want[1])
+    assert np.all(want[1][100:, 0] == on_disk.held_out[:20])
+
+    moved = tmp_path / "moved"  # the lists file is found beside the index wherever the folder goes
+    moved.mkdir()
+    for name in ("emb.npy", "emb.npy.json", "emb.npy.faiss", "emb.npy.faiss.ivfdata", "emb.npy.faiss.json"):
+        shutil.move(tmp_path / name, moved / name)
+    loaded = ann.load_or_build_faiss(ix.open_index(str(moved / "emb.npy")))
+    assert not loaded.built and loaded.params["on_disk"]
+    np.testing.assert_array_equal(ann.search_faiss(loaded, queries, 10)[1], want[1])
+
+
+def test_index_build_json_stays_clean_of_faiss_progress_lines(rows, tmp_path):
+    path = write(tmp_path / "emb.npy", rows)
+    cmd = [sys.executable, "-m", "mmcli", "index", "build", path, "--max-memory", "300KB", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    built = json.loads(done.stdout)  # FAISS printf()s "resizing …" while merging: not into stdout
+    assert built["params"]["on_disk"] and built["recall_at_10"] >= 0.9
 
 
 @pytest.mark.parametrize("queries", [1, 5, 100])  # up to 64: blocks scored in parallel threads; more: in turn
