@@ -38,6 +38,7 @@ from mmcli.retrieval import index as ix
 from mmcli.retrieval.index_plan import parse_memory
 
 DIM, LATENT, CLUSTERS, QUERIES, K = 512, 32, 20_000, 1000, 10
+TOOLS = ("mmcli", "autofaiss")
 META = {"model": {"ref": "synthetic", "arch": "none", "checksum": "none"}, "modality": "image"}
 
 
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--reuse-mmcli", action="store_true", help="reuse mmcli's last build (its figures and file)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure here")
+    parser.add_argument(
+        "--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="build and measure only these (default: both)"
+    )
     return parser.parse_args(argv)
 
 
@@ -118,22 +122,25 @@ build_index(embeddings=folder, index_path=index_path, index_infos_path=infos, me
 def build_both(path: str, folder: Path, args) -> dict:
     figures = {}
     mine = folder / "mmcli-build.json"
-    if args.reuse_mmcli and mine.exists():  # the saved FAISS file is still fresh: load_or_build_faiss checks
-        figures["mmcli"] = json.loads(mine.read_text())
-    else:
-        seconds, peak, out = run_measured(
-            [sys.executable, "-m", "mmcli", "index", "build", path, "--max-memory", args.budget, "--json"]
-        )
-        built = json.loads(out)
-        figures["mmcli"] = {
-            "build_s": seconds,
-            "peak_rss": peak,
-            "bytes": built["file_bytes"],
-            "file": built["faiss"],
-            "params": built["params"],
-        }
-        mine.write_text(json.dumps(figures["mmcli"]))
+    if "mmcli" in args.tools:
+        if args.reuse_mmcli and mine.exists():  # the saved FAISS file is still fresh: load_or_build_faiss checks
+            figures["mmcli"] = json.loads(mine.read_text())
+        else:
+            seconds, peak, out = run_measured(
+                [sys.executable, "-m", "mmcli", "index", "build", path, "--max-memory", args.budget, "--json"]
+            )
+            built = json.loads(out)
+            figures["mmcli"] = {
+                "build_s": seconds,
+                "peak_rss": peak,
+                "bytes": built["file_bytes"],
+                "file": built["faiss"],
+                "params": built["params"],
+            }
+            mine.write_text(json.dumps(figures["mmcli"]))
     cached = folder / "autofaiss-build.json"  # autofaiss's build is reused: mmcli's is what changes
+    if "autofaiss" not in args.tools:
+        return figures
     if cached.exists():
         figures["autofaiss"] = json.loads(cached.read_text())
         return figures
@@ -166,20 +173,18 @@ def search_figures(figures: dict, path: str, queries: np.ndarray, truth: np.ndar
 
     from mmcli.retrieval import faiss_index as ann
 
-    index = ix.open_index(path)
-    mine = ann.load_or_build_faiss(index)
-    theirs = faiss.read_index(figures["autofaiss"]["file"], faiss.IO_FLAG_MMAP)
-    params = figures["autofaiss"]["params"].get("index_param")
-    if params:
-        faiss.ParameterSpace().set_index_parameters(theirs, params)
+    tools = []
+    if "mmcli" in figures:
+        mine = ann.load_or_build_faiss(ix.open_index(path))
+        tools.append(("mmcli", lambda q: ann.search_faiss(mine, q, K)[1], mine.index))
+    if "autofaiss" in figures:
+        theirs = faiss.read_index(figures["autofaiss"]["file"], faiss.IO_FLAG_MMAP)
+        params = figures["autofaiss"]["params"].get("index_param")
+        if params:
+            faiss.ParameterSpace().set_index_parameters(theirs, params)
+        tools.append(("autofaiss", lambda q: theirs.search(q, K)[1], theirs))
 
-    def mmcli_search(q):
-        return ann.search_faiss(mine, q, K)[1]
-
-    def autofaiss_search(q):
-        return theirs.search(q, K)[1]
-
-    for name, search, index_obj in (("mmcli", mmcli_search, mine.index), ("autofaiss", autofaiss_search, theirs)):
+    for name, search, index_obj in tools:
         figures[name]["chosen"] = one_at_a_time(search, queries, truth)
         figures[name]["sweep"] = {}
         try:
@@ -214,7 +219,7 @@ def report(rows: int, figures: dict, budget: str) -> None:
     gib = 1 << 30
     print(f"\n{rows:,} rows × {DIM} float16, budget {budget}, single queries, k={K}")
     print(f"{'':<10}{'build s':>9}{'peak GiB':>10}{'index GiB':>11}{'recall@10':>11}{'ms/query':>10}  parameters")
-    for name in ("mmcli", "autofaiss"):
+    for name in figures:
         f = figures[name]
         params = f["params"].get("factory") or f["params"].get("index_key")
         params = f"{params} {f['params'].get('nprobe') or f['params'].get('index_param', '')}"
@@ -223,13 +228,13 @@ def report(rows: int, figures: dict, budget: str) -> None:
             f"{f['chosen']['recall_at_10']:11.3f}{f['chosen']['ms_per_query']:10.2f}  {params}"
         )
     print("nprobe sweep (300 queries): recall@10 / ms per query (an index without nprobe: -)")
-    for nprobe in figures["mmcli"]["sweep"]:
+    for nprobe in next(iter(figures.values()))["sweep"]:
         cells = []
-        for name in ("mmcli", "autofaiss"):
+        for name in figures:
             f = figures[name]["sweep"].get(nprobe) or figures[name]["sweep"].get(str(nprobe))
             cells.append(f"{name} {f['recall_at_10']:.3f} / {f['ms_per_query']:.2f}" if f else f"{name} -")
         print(f"  nprobe {nprobe:>4}: " + "   ".join(cells))
-    for name in ("mmcli", "autofaiss"):
+    for name in figures:
         for ef, f in figures[name].get("ef_sweep", {}).items():
             print(f"  {name} efSearch {ef:>5}: {f['recall_at_10']:.3f} / {f['ms_per_query']:.2f}")
 

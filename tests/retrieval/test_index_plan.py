@@ -154,6 +154,9 @@ def test_index_build_json_stays_clean_of_faiss_progress_lines(rows, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     built = json.loads(done.stdout)  # FAISS printf()s "resizing …" while merging: not into stdout
     assert built["params"]["on_disk"] and built["recall_at_10"] >= 0.9
+    assert built["lists_file"] == path + ".faiss.ivfdata" and built["lists_file_bytes"] == len(rows) * (16 + 8)
+    shown = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"})
+    assert "lists on disk" in shown.stdout and "emb.npy.faiss.ivfdata" in shown.stdout
 
 
 @pytest.mark.parametrize("queries", [1, 5, 100])  # up to 64: blocks scored in parallel threads; more: in turn
@@ -165,3 +168,15 @@ def test_exact_search_of_float16_rows_equals_numpy_brute_force(rows, tmp_path, q
     want = np.argsort(-full, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(ids, want)
     np.testing.assert_allclose(scores, np.take_along_axis(full, want, axis=1), atol=1e-6)
+
+
+def test_rows_read_by_pread_equal_rows_taken_through_the_memory_map(rows, tmp_path):
+    base = tmp_path / "emb.npy"
+    for rank, part in enumerate((rows[:7_000], rows[7_000:])):
+        write(ix.shard_path(str(base), rank, 2), part)
+    sharded, single = ix.open_index(str(base)), ix.open_index(write(tmp_path / "one.npy", rows, "float32"))
+    wanted = np.array([19_999, 0, 6_999, 7_000, 12_345, 7_000])  # both shards, their edges, a repeat
+    for embeddings in (sharded.embeddings, single.embeddings, np.asarray(single.embeddings)):
+        got = ix.read_rows(embeddings, wanted)
+        assert got.dtype == embeddings.dtype
+        np.testing.assert_array_equal(got, ix.take_rows(embeddings, wanted))

@@ -30,8 +30,16 @@ from mmcli.retrieval.index.files import (
     writer_lock,
 )
 from mmcli.retrieval.index.metadata import Metadata, file_stat, metadata_path, read_metadata
-from mmcli.retrieval.index.reader import Embeddings, Index, RowConcat, open_index, read_sidecar, take_rows
-from mmcli.retrieval.index.search import iter_row_blocks, query_matrix, recall_at_k, search_exact
+from mmcli.retrieval.index.reader import (
+    Embeddings,
+    Index,
+    RowConcat,
+    open_index,
+    read_rows,
+    read_sidecar,
+    take_rows,
+)
+from mmcli.retrieval.index.search import iter_row_blocks, query_matrix, recall_at_k, release_pages, search_exact
 from mmcli.retrieval.index.writer import IndexWriter, ResumeState
 
 __all__ = [
@@ -61,10 +69,12 @@ __all__ = [
     "RowConcat",
     "open_index",
     "read_sidecar",
+    "read_rows",
     "take_rows",
     # search
     "iter_row_blocks",
     "query_matrix",
     "recall_at_k",
+    "release_pages",
     "search_exact",
 ]

@@ -84,6 +84,37 @@ def take_rows(embeddings: Embeddings, rows: list[int] | np.ndarray) -> np.ndarra
     return np.asarray(embeddings[rows])
 
 
+def read_rows(embeddings: Embeddings, rows: list[int] | np.ndarray) -> np.ndarray:
+    """Rows ``rows`` of ``embeddings`` (like :func:`take_rows`), read from the ``.npy`` files with
+    ``pread`` instead of through the memory map.
+
+    Scattered reads through a mapping fault in each page's neighbourhood as well (the kernel's
+    fault-around, about 64 KB), and those pages stay in the process's resident size: re-ranking
+    40,000 candidates of 200 queries mapped the whole 1 GB of a 1M-row index. Read this way, the
+    pages stay in the OS's file cache only. Arrays that are not file-backed are indexed in memory.
+    """
+    rows = np.asarray(rows, np.int64)
+    parts, starts = (embeddings.parts, embeddings.offsets) if isinstance(embeddings, RowConcat) else ([embeddings], [0])
+    out = np.empty((len(rows), embeddings.shape[1]), embeddings.dtype)
+    for part, start in zip(parts, starts):
+        chosen = np.flatnonzero((rows >= start) & (rows < start + len(part)))
+        if not chosen.size:
+            continue
+        local = rows[chosen] - start
+        filename = getattr(part, "filename", None)
+        if filename is None or not isinstance(part, np.memmap):
+            out[chosen] = part[local]
+            continue
+        size = part.strides[0]
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            for at, row in zip(chosen, local):
+                out[at] = np.frombuffer(os.pread(fd, size, part.offset + int(row) * size), part.dtype)
+        finally:
+            os.close(fd)
+    return out
+
+
 @dataclass(frozen=True)
 class Index:
     """A complete index opened read-only.

@@ -40,6 +40,12 @@ def iter_row_blocks(embeddings: Embeddings, rows: int, *, release: bool = False)
         offset += len(part)
 
 
+def release_pages(embeddings: Embeddings) -> None:
+    """Hand back every resident page of a memory-mapped index (after scattered reads: re-ranking)."""
+    for part in embeddings.parts if isinstance(embeddings, RowConcat) else [embeddings]:
+        _release_rows(part, 0, len(part))
+
+
 def _release_rows(array: np.ndarray, first: int, count: int) -> None:
     mapped = getattr(array, "_mmap", None)
     if mapped is None or not hasattr(mmap, "MADV_DONTNEED") or count <= 0:
