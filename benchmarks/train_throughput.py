@@ -30,6 +30,16 @@ def steady_rate(rates: list[float]) -> float:
     return len(steady) / sum(1 / r for r in steady)
 
 
+def window_rate(lines: list[dict]) -> float:
+    """mmcli's steady rate: samples ÷ training seconds between the line at 20% (warm-up dropped)
+    and the last (each line holds the run's ``samples`` and ``train_seconds`` so far). For steps of
+    equal size this is the harmonic mean of their rates, as :func:`steady_rate` takes for open_clip."""
+    first, last = lines[len(lines) // 5], lines[-1]
+    if last["train_seconds"] <= first["train_seconds"]:
+        return last["samples_per_s"]
+    return (last["samples"] - first["samples"]) / (last["train_seconds"] - first["train_seconds"])
+
+
 def ensure_data(workdir: Path, n: int, size: int) -> Path:
     data = workdir / f"shapes-{n}-{size}"
     if not (data / "meta.json").is_file():
@@ -70,7 +80,7 @@ def run_mmcli(args, data: Path, workdir: Path, steps: int) -> float:
         text=True,
     )
     rows = [json.loads(x) for x in (workdir / "runs" / "mmcli" / "metrics.jsonl").read_text().splitlines()]
-    return steady_rate([r["samples_per_s"] for r in rows if r["kind"] == "train"])
+    return window_rate([r for r in rows if r["kind"] == "train"])
 
 
 def run_open_clip(args, data: Path, workdir: Path, epochs: int) -> tuple[float, int]:

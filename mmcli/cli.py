@@ -14,27 +14,54 @@ from typing import Annotated, Any
 import typer
 
 from mmcli import __version__
+from mmcli.commands.help_format import App
 from mmcli.errors import MmcliError, reported_errors
 from mmcli.io import DEFAULT_IMAGE_KEY, DEFAULT_TEXT_KEY
 
-app = typer.Typer(
+app = App(
     name="mmcli",
     help="Multimodal (image + text) models from the command line: pretrain, embed, retrieve, serve, caption, "
     "generate, fuse, eval.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
-data_app = typer.Typer(help="Built-in datasets (generated locally, nothing is downloaded).", no_args_is_help=True)
+data_app = App(help="Built-in datasets (generated locally, nothing is downloaded).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-index_app = typer.Typer(help="FAISS indexes of embedding indexes, built ahead of time.", no_args_is_help=True)
+index_app = App(help="FAISS indexes of embedding indexes, built ahead of time.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 # Reusable option types ----------------------------------------------------------------------------
 SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML).", show_default=False)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a spec field, e.g. --set train.lr=3e-4 (repeatable).", show_default=False),
+
+
+def set_option(example: str) -> Any:
+    """The ``--set`` option, with an ``example`` override that this command's spec accepts."""
+    return Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help=f"Override a spec field, e.g. --set {example} (repeatable).",
+            show_default=False,
+        ),
+    ]
+
+
+SET_EXAMPLES = {"pretrain": "train.lr=3e-4", "fuse": "fusion.strategy=late", "eval": "batch_size=32"}
+"""Per command, a ``--set`` example its spec accepts (tests/test_cli.py applies each one)."""
+PretrainSetOpt = set_option(SET_EXAMPLES["pretrain"])
+FuseSetOpt = set_option(SET_EXAMPLES["fuse"])
+EvalSetOpt = set_option(SET_EXAMPLES["eval"])
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: mmcli --device, else auto).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 NoDraftOpt = Annotated[
@@ -59,7 +86,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     device: Annotated[
-        str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+        str,
+        typer.Option("--device", metavar="DEVICE", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
     ] = "auto",
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
@@ -67,6 +95,11 @@ def main_options(
 ) -> None:
     """Options that apply to every command."""
     State.device = device
+
+
+def chosen_device(device: str | None) -> str:
+    """A command's ``--device``, else the one given before the command (``mmcli --device cpu embed …``)."""
+    return device or State.device
 
 
 def emit(result: dict[str, Any], as_json: bool, render) -> None:
@@ -107,6 +140,7 @@ def index_build(
         str | None,
         typer.Option(
             "--max-memory",
+            metavar="SIZE",
             help="Memory the FAISS index may use, e.g. 2GB (default: half this machine's): "
             "IVF-Flat while the vectors fit, IVF-PQ with exact re-ranking when they do not.",
             show_default=False,
@@ -126,8 +160,9 @@ def index_build(
 @app.command()
 def pretrain(
     spec: SpecArg,
-    overrides: SetOpt = None,
+    overrides: PretrainSetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the spec's run folder.")] = False,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a CLIP-style dual encoder (plus MLM, ITM, MIM or CoCa caption objectives) from a run spec."""
@@ -135,7 +170,7 @@ def pretrain(
         from mmcli.commands.pretrain import run
         from mmcli.commands.render import render_pretrain_summary
 
-        result = run(spec, overrides or [], resume=resume, device=State.device)
+        result = run(spec, overrides or [], resume=resume, device=chosen_device(device))
         if result.get("is_main", True):
             emit(result, as_json, render_pretrain_summary)
         if result.get("interrupted"):
@@ -146,7 +181,9 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="A run folder (runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag).",
+        metavar="MODEL",
+        help="A run folder (runs/NAME) or ARCH:PRETRAINED (a weights file or an open_clip tag); default: "
+        "$MMCLI_MODEL, else model in ~/.config/mmcli/config.toml, else ViT-B-32:laion2b_s34b_b79k (docs/models.md).",
         show_default=False,
     ),
 ]
@@ -163,7 +200,10 @@ def embed(
         ),
     ],
     out: Annotated[
-        str, typer.Option("--out", help="The index file (.npy); its sidecar is OUT.json.", show_default=False)
+        str,
+        typer.Option(
+            "--out", metavar="PATH", help="The index file (.npy); its sidecar is OUT.json.", show_default=False
+        ),
     ],
     model: ModelOpt = None,
     modality: Annotated[
@@ -194,6 +234,7 @@ def embed(
             show_default=False,
         ),
     ] = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed images or texts into an index: OUT (.npy), OUT.json (its sidecar), OUT.parquet (metadata).
@@ -209,7 +250,7 @@ def embed(
         if dtype not in ("float32", "float16"):
             raise MmcliError(f"--dtype {dtype}: choose float32 or float16")
         from mmcli.commands.embed import run
-        from mmcli.commands.render import render_embed_summary
+        from mmcli.commands.render import render_embed_summary, report_notes
 
         result = run(
             path,
@@ -225,9 +266,10 @@ def embed(
             image_key=image_key,
             text_key=text_key,
             keep_columns=tuple(c.strip() for c in (keep_columns or "").split(",") if c.strip()),
-            device=State.device,
+            device=chosen_device(device),
         )
         if result["is_main"]:
+            report_notes(result)
             emit(result, as_json, render_embed_summary)
 
 
@@ -245,6 +287,7 @@ def caption(
         str,
         typer.Option(
             "--out",
+            metavar="PATH",
             help='The captions file (.jsonl): one {"item", "caption", "score"} a line; its sidecar is OUT.meta.json.',
             show_default=False,
         ),
@@ -253,6 +296,7 @@ def caption(
         str | None,
         typer.Option(
             "--model",
+            metavar="PATH",
             help="A run folder trained with the caption objective (a CoCa architecture); "
             "when resuming, the run the job started with.",
             show_default=False,
@@ -291,6 +335,7 @@ def caption(
     ] = False,
     no_draft: NoDraftOpt = False,
     image_key: ImageKeyOpt = DEFAULT_IMAGE_KEY,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Caption images with a CoCa run: OUT (.jsonl, one {item, caption, score} a line) and OUT.meta.json.
@@ -321,7 +366,7 @@ def caption(
             overwrite=overwrite,
             draft=not no_draft,
             image_key=image_key,
-            device=State.device,
+            device=chosen_device(device),
         )
         if result["is_main"]:
             emit(result, as_json, render_caption_summary)
@@ -333,18 +378,26 @@ def generate(
         str | None, typer.Argument(help="The prompt (or give --prompts FILE).", show_default=False)
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", help="A run folder trained by mmcli fuse with task: generate.", show_default=False)
+        str,
+        typer.Option(
+            "--model",
+            metavar="PATH",
+            help="A run folder trained by mmcli fuse with task: generate.",
+            show_default=False,
+        ),
     ] = ...,
     out: Annotated[
         str,
         typer.Option(
             "--out",
+            metavar="PATH",
             help="A new folder: one PNG per picture, sheet.png and generated.jsonl (prompt, seed, file, settings).",
             show_default=False,
         ),
     ] = ...,
     prompts_file: Annotated[
-        str | None, typer.Option("--prompts", help="A text file of prompts, one a line.", show_default=False)
+        str | None,
+        typer.Option("--prompts", metavar="PATH", help="A text file of prompts, one a line.", show_default=False),
     ] = None,
     n: Annotated[int, typer.Option("--n", help="Pictures per prompt.")] = 4,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps (ddpm: every training timestep).")] = 25,
@@ -359,6 +412,7 @@ def generate(
         int, typer.Option("--seed", help="Each picture's noise comes from (seed, prompt, sample number).")
     ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures denoised together.")] = 64,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw pictures of prompts with a text-to-image run (mmcli fuse, task: generate).
@@ -381,7 +435,7 @@ def generate(
             sampler=sampler,
             seed=seed,
             batch_size=batch_size,
-            device=State.device,
+            device=chosen_device(device),
         )
         emit(result, as_json, render_generate_summary)
 
@@ -391,10 +445,26 @@ def retrieve(
     query: Annotated[
         str | None, typer.Argument(help="A text, or an image file (detected by its suffix).", show_default=False)
     ] = None,
-    index: Annotated[str, typer.Option("--index", help="The index (.npy) written by embed.", show_default=False)] = ...,
+    index: Annotated[
+        str | None,
+        typer.Option("--index", metavar="PATH", help="The index (.npy) written by embed.", show_default=False),
+    ] = None,
+    folder: Annotated[
+        str | None,
+        typer.Option(
+            "--in",
+            metavar="FOLDER",
+            help="Search this folder's images instead of --index: embedded into a cache on first use, "
+            "updated (new, changed, deleted files) on each search (docs/serving.md).",
+            show_default=False,
+        ),
+    ] = None,
+    paths: Annotated[
+        bool, typer.Option("--paths", help="Print only the hits' absolute paths, one a line (for piping).")
+    ] = False,
     k: Annotated[int, typer.Option("--k", min=1, help="Results per query.")] = 10,
     queries: Annotated[
-        str | None, typer.Option("--queries", help="A file of queries, one a line.", show_default=False)
+        str | None, typer.Option("--queries", metavar="PATH", help="A file of queries, one a line.", show_default=False)
     ] = None,
     image: Annotated[bool, typer.Option("--image", help="Treat every query as an image file.")] = False,
     use_faiss: Annotated[
@@ -404,7 +474,10 @@ def retrieve(
         ),
     ] = False,
     grid: Annotated[
-        str | None, typer.Option("--grid", help="Write a contact sheet (PNG) of the top-k images.", show_default=False)
+        str | None,
+        typer.Option(
+            "--grid", metavar="PATH", help="Write a contact sheet (PNG) of the top-k images.", show_default=False
+        ),
     ] = None,
     overwrite: Annotated[
         bool,
@@ -417,7 +490,9 @@ def retrieve(
         str | None,
         typer.Option(
             "--model",
-            help="The run folder that made the index, if it has moved (default: the sidecar's; checksums must match).",
+            metavar="PATH",
+            help="The run folder that made the index, if it has moved (default: the sidecar's; checksums must match); "
+            "with --in, the model to embed the folder with (default as embed's).",
             show_default=False,
         ),
     ] = None,
@@ -439,25 +514,39 @@ def retrieve(
         str | None,
         typer.Option(
             "--max-memory",
+            metavar="SIZE",
             help="Memory a FAISS index built for --faiss may use, e.g. 4GB (default: half this machine's).",
             show_default=False,
         ),
     ] = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search an index with a text or an image, or list its near duplicates (--duplicates).
+    """Search an index, or a folder's images (--in), with a text or an image; or list near duplicates.
 
-    Queries are encoded by the model recorded in the index's sidecar.
+    Queries are encoded by the model recorded in the index's sidecar. With --in FOLDER the
+    folder is embedded into mmcli's cache on first use and brought up to date on every search.
     """
     with reported_errors():
-        from mmcli.commands.render import render_duplicates, render_retrieve, report_faiss_build
+        from mmcli.commands.render import (
+            render_duplicates,
+            render_paths,
+            render_retrieve,
+            report_faiss_build,
+            report_notes,
+        )
         from mmcli.commands.retrieve import run, run_duplicates
 
+        if paths and as_json:
+            raise MmcliError("--paths and --json: choose one")
         if duplicates:
-            if query or queries or grid or use_faiss:
+            if query or queries or grid or use_faiss or folder or paths:
                 raise MmcliError(
-                    "--duplicates compares the index with itself: give no QUERY, --queries, --grid or --faiss"
+                    "--duplicates compares the index with itself: give --index and no QUERY, --queries, --in, --paths, "
+                    "--grid or --faiss"
                 )
+            if index is None:
+                raise MmcliError("--duplicates: give --index INDEX")
             result = run_duplicates(index, threshold=0.95 if threshold is None else threshold)
             emit(result, as_json, render_duplicates)
             return
@@ -465,6 +554,7 @@ def retrieve(
         result = run(
             query,
             index_path=index,
+            folder=folder,
             k=k,
             queries_file=queries,
             image=image,
@@ -474,10 +564,15 @@ def retrieve(
             model=model,
             threshold=threshold,
             max_memory=max_memory,
-            device=State.device,
+            paths_only=paths,
+            device=chosen_device(device),
         )
+        report_notes(result)
         report_faiss_build(result)
-        emit(result, as_json, render_retrieve)
+        if paths:
+            render_paths(result)
+        else:
+            emit(result, as_json, render_retrieve)
 
 
 @app.command()
@@ -486,6 +581,7 @@ def serve(
         list[str],
         typer.Option(
             "--index",
+            metavar="[NAME=]PATH",
             help="An index (.npy) to serve, as PATH or NAME=PATH (repeatable).",
             show_default=False,
         ),
@@ -503,18 +599,19 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Serve indexes over HTTP: a search page at /, a REST API (/docs), clip-retrieval's /knn-service."""
     with reported_errors():
         from mmcli.commands.serve import run
 
-        run(index, host=host, port=port, use_faiss=use_faiss, token=token, device=State.device)
+        run(index, host=host, port=port, use_faiss=use_faiss, token=token, device=chosen_device(device))
 
 
 @app.command()
 def fuse(
     spec: SpecArg,
-    overrides: SetOpt = None,
+    overrides: FuseSetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the spec's run folder.")] = False,
     eval_only: Annotated[
         bool, typer.Option("--eval-only", help="Do not train: apply the spec's run folder to data.val and score it.")
@@ -528,6 +625,7 @@ def fuse(
             show_default=False,
         ),
     ] = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train on a pretrained run: a fusion head (VQA, ITM) or a text-to-image generator (task: generate)."""
@@ -535,7 +633,9 @@ def fuse(
         from mmcli.commands.fuse import run
         from mmcli.commands.render import render_fuse_summary
 
-        result = run(spec, overrides or [], resume=resume, eval_only=eval_only, device=State.device, explain=explain)
+        result = run(
+            spec, overrides or [], resume=resume, eval_only=eval_only, device=chosen_device(device), explain=explain
+        )
         if result.get("is_main", True):
             emit(result, as_json, render_fuse_summary)
         if result.get("interrupted"):
@@ -545,14 +645,25 @@ def fuse(
 @app.command("eval")
 def evaluate(
     spec: Annotated[
-        Path | None, typer.Argument(help="Eval spec (YAML); optional when flags name the tasks.", show_default=False)
+        list[Path] | None,
+        typer.Argument(
+            help="Eval spec (YAML); optional when flags name the tasks. With --compare: run folders.",
+            show_default=False,
+        ),
     ] = None,
-    overrides: SetOpt = None,
+    overrides: EvalSetOpt = None,
     model: ModelOpt = None,
+    compare: Annotated[
+        bool,
+        typer.Option("--compare", help="Draw the training curves of the run folders given as arguments side by side."),
+    ] = False,
     zero_shot: Annotated[
         str | None,
         typer.Option(
-            "--zero-shot", help="Zero-shot data: a class-folder tree or a labelled CSV/TSV/JSONL.", show_default=False
+            "--zero-shot",
+            metavar="PATH",
+            help="Zero-shot data: a class-folder tree or a labelled CSV/TSV/JSONL.",
+            show_default=False,
         ),
     ] = None,
     templates: Annotated[
@@ -560,26 +671,49 @@ def evaluate(
         typer.Option("--templates", help="shapes, imagenet, simple, or 'a {}|a photo of a {}.'", show_default=False),
     ] = None,
     retrieval: Annotated[
-        str | None, typer.Option("--retrieval", help="Image–caption pairs for recall@K.", show_default=False)
+        str | None,
+        typer.Option("--retrieval", metavar="PATH", help="Image–caption pairs for recall@K.", show_default=False),
     ] = None,
     linear_probe: Annotated[
         str | None,
         typer.Option(
             "--linear-probe",
+            metavar="PATH",
             help="Labelled images for a linear probe (half of each class held out).",
             show_default=False,
         ),
     ] = None,
     output: Annotated[
-        str | None, typer.Option("--out", help="Results JSON (default eval.json).", show_default=False)
+        str | None,
+        typer.Option(
+            "--out",
+            metavar="PATH",
+            help="Results JSON (default eval.json); a folder with --format clip_benchmark; the PNG with --compare.",
+            show_default=False,
+        ),
     ] = None,
+    result_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="json (one list) or clip_benchmark (a file per task, read by 'clip_benchmark build').",
+        ),
+    ] = "json",
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Zero-shot classification, image↔text retrieval recall@K, linear probe, VQA/ITM/MLM accuracy, captioning."""
     with reported_errors():
-        from mmcli.commands.evaluate import run
-        from mmcli.commands.render import render_eval
+        from mmcli.commands.evaluate import compare_curves, run
+        from mmcli.commands.render import render_compare, render_eval
 
+        if compare:
+            given = {"--set": overrides, "--model": model, "--zero-shot": zero_shot, "--templates": templates}
+            unused = [k for k, v in {**given, "--retrieval": retrieval, "--linear-probe": linear_probe}.items() if v]
+            emit(compare_curves(spec or [], output, unused=unused), as_json, render_compare)
+            return
+        if spec and len(spec) > 1:
+            raise MmcliError(f"eval: one SPEC, not {len(spec)} (several paths only with --compare)")
         flags = {
             "model": model,
             "zero_shot": zero_shot,
@@ -588,7 +722,9 @@ def evaluate(
             "linear_probe": linear_probe,
             "output": output,
         }
-        emit(run(spec, overrides or [], flags=flags, device=State.device), as_json, render_eval)
+        spec_path = spec[0] if spec else None
+        result = run(spec_path, overrides or [], flags=flags, device=chosen_device(device), result_format=result_format)
+        emit(result, as_json, render_eval)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ A run folder holds::
     mmcli.json                   what mmcli needs beyond open_clip (extra modules, step, checksum)
     train_state.pt               optimizer, scheduler, step, data position, RNG states
     metrics.jsonl                training and validation metrics, one JSON object a line
+    curves.png                   the picture of metrics.jsonl (losses, learning rate, validation)
 
 Because of the first three files the folder loads in plain open_clip:
 ``open_clip.create_model("local-dir:runs/NAME")``.
@@ -34,6 +35,7 @@ EXTRA_WEIGHTS = "mmcli_model.safetensors"
 MMCLI_META = "mmcli.json"
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
+CURVES = "curves.png"
 SPEC = "spec.yaml"
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 COMMANDS = [
     [],
@@ -70,8 +74,9 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_bad_device_is_a_clear_error(tmp_path):
+    (tmp_path / "x.tsv").write_text("filepath\ttitle\n")  # the data is checked first, before torch
     spec = tmp_path / "s.yaml"
-    spec.write_text("data:\n  train:\n    path: x.tsv\ntrain:\n  steps: 1\n")
+    spec.write_text(f"data:\n  train:\n    path: {tmp_path / 'x.tsv'}\ntrain:\n  steps: 1\n")
     r = _run(["--device", "tpu", "pretrain", str(spec)])
     assert r.returncode == 2 and "--device: unknown device 'tpu'" in r.stderr
 
@@ -111,7 +116,6 @@ def _unwritable_folder(tmp_path):
         folder.mkdir()
         folder.chmod(0o555)
         return folder
-    import pytest
 
     probe = "/sys/mmcli-write-probe"
     try:
@@ -201,3 +205,126 @@ def test_a_model_arch_that_is_a_path_writes_nothing(tmp_path):
     line = _one_line_error(_run(["pretrain", str(_spec(tmp_path, text))], env={"TMPDIR": str(temp)}))
     assert "model.arch: '../../escaped' is not a model name" in line
     assert list(tmp_path.rglob("escaped*")) == [] and list(temp.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# help that reads right
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _help(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(a) or "mmcli" for a in COMMANDS])
+def test_help_names_values_not_python_types_and_h_is_help(args):
+    text = _help([*args, "--help"])
+    assert re.findall(r"<(?:bool|str|int|float|path|list\[)[^>]*>", text) == []
+    assert re.findall(r"\{[a-z_]+\}", text) == []  # Typer's {spec} for a required argument
+    assert re.search(r"--help\s+-h\s+Show this message and exit", text)
+    assert _help([*args, "-h"]) == text
+
+
+def test_flags_take_no_value_and_options_show_a_metavar():
+    text = _help(["pretrain", "--help"])
+    assert "Usage: mmcli pretrain [OPTIONS] SPEC" in text
+    assert re.search(r"--resume\s+Continue the run", text)
+    assert re.search(r"--json\s+Print machine-readable JSON", text)
+    assert re.search(r"--set\s+KEY=VALUE\s+Override a spec field, e\.g\. --set train\.lr=3e-4", text)
+    assert re.search(r"--device\s+DEVICE\s+auto", text)
+    text = _help(["retrieve", "--help"])
+    assert "Usage: mmcli retrieve [OPTIONS] [QUERY]" in text
+    for option, metavar in [("--index", "PATH"), ("--k", r"N \[x>=1\]"), ("--threshold", "NUMBER"), ("--image", "")]:
+        assert re.search(rf"{option}\s+{metavar}", text), option
+    assert "--install-completion" in _help(["--help"])
+
+
+def test_required_options_and_arguments_are_marked():
+    import typer
+
+    from mmcli.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if name in ("data", "index"):
+            continue
+        text = _help([name, "--help"])
+        for param in command.params:
+            if param.required:
+                label = param.opts[0] if param.param_type_name == "option" else param.name.upper()
+                rows = [line for line in text.splitlines() if line.startswith("│")]
+                row = next(line for line in rows if re.search(rf"\s{label}\s", line))
+                assert re.match(r"^│ \*", row), (name, label, row)
+
+
+def test_each_set_example_is_one_its_command_accepts():
+    from mmcli.cli import SET_EXAMPLES
+    from mmcli.spec import load_spec_of_kind
+
+    shipped = {"pretrain": "pretrain.yaml", "fuse": "fuse-vqa.yaml", "eval": "eval.yaml"}
+    for command, example in SET_EXAMPLES.items():
+        assert f"--set {example}" in " ".join(_help([command, "--help"]).split())
+        spec = load_spec_of_kind(REPO / "examples" / "shapes" / shipped[command], command, [example])
+        keys, _, value = example.partition("=")
+        node = spec
+        for key in keys.split("."):
+            node = getattr(node, key)
+        assert node == type(node)(value)  # "3e-4" is a string to YAML 1.1, a float to the spec
+
+
+def test_device_is_accepted_after_the_command_too(tmp_path):
+    (tmp_path / "x.tsv").write_text("filepath\ttitle\n")
+    spec = _spec(tmp_path, PRETRAIN.format(data=tmp_path / "x.tsv", out=tmp_path))
+    for args in (["--device", "tpu", "pretrain", str(spec)], ["pretrain", str(spec), "--device", "tpu"]):
+        assert "--device: unknown device 'tpu'" in _one_line_error(_run(args))
+
+
+# --------------------------------------------------------------------------------------------
+# clear messages for the common mistakes
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_spec_of_another_kind_names_the_command_to_run_it_with():
+    line = _one_line_error(_run(["pretrain", "examples/shapes/fuse-vqa.yaml"], cwd=REPO))
+    assert line == "mmcli: error: examples/shapes/fuse-vqa.yaml is a fuse spec: run it with mmcli fuse"
+    line = _one_line_error(_run(["fuse", "examples/shapes/eval.yaml"], cwd=REPO))
+    assert line == "mmcli: error: examples/shapes/eval.yaml is an eval spec: run it with mmcli eval"
+
+
+def test_a_command_alone_shows_its_help():
+    for command in ("eval", "pretrain", "embed"):
+        r = _run([command])
+        assert r.stdout.lstrip().startswith(f"Usage: mmcli {command} [OPTIONS]")
+        assert r.stderr == "" and "Field required" not in r.stdout
+
+
+def test_a_misspelt_arch_or_data_path_is_reported_before_torch_is_imported(tmp_path):
+    data = tmp_path / "x.tsv"
+    data.write_text("filepath\ttitle\n")
+    arch = _spec(tmp_path, PRETRAIN.format(data=data, out=tmp_path) + "model:\n  arch: mmcli-tni\n", "pretrain-a.yaml")
+    path = _spec(tmp_path, PRETRAIN.format(data=tmp_path / "y.tsv", out=tmp_path), "pretrain-b.yaml")
+    code = (
+        "import sys\n"
+        "from mmcli.commands.pretrain import run\n"
+        "from mmcli.errors import MmcliError\n"
+        f"for spec in {[str(arch), str(path)]!r}:\n"
+        "    try:\n"
+        "        run(spec, [])\n"
+        "    except MmcliError as exc:\n"
+        "        print(exc)\n"
+        "print('torch' in sys.modules, 'open_clip' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("model.arch: unknown architecture 'mmcli-tni'; use an open_clip.list_models() name")
+    assert lines[1] == f"{tmp_path / 'y.tsv'}: no such file or folder"
+    assert lines[2] == "False False"
+    assert _one_line_error(_run(["pretrain", str(arch)])) == f"mmcli: error: {lines[0]}"

@@ -38,6 +38,7 @@ ALLOWED_ACROSS = {
     ("__main__", "cli"),
     ("evaluation", "retrieval"),
     ("evaluation", "viz"),
+    ("training", "viz"),
     ("inference", "retrieval"),
     ("inference", "viz"),
     ("serving", "retrieval"),
@@ -48,7 +49,7 @@ ALLOWED_ACROSS = {
 with the retrieval stage's code and draws its confusion matrices with viz; inference (captions)
 reads its inputs with the retrieval stage's loaders and names its shards as an index's, and draws
 its sheets (generate) with viz; serving searches with the retrieval stage's index and query
-encoder; model
+encoder; training draws its run's curves (``curves.png``) with viz; model
 heads use the data stage's ignore index of masking."""
 
 MAX_TOP_LEVEL = 6

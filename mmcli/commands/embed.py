@@ -38,8 +38,11 @@ def run(
     was started with); another job (input, keys, dtype, decoding, model) is refused.
     ``overwrite`` starts over and replaces a complete index; ``update`` brings a complete index up
     to date, embedding only new and changed items (:mod:`mmcli.retrieval.incremental`).
+    The model is ``model``, else the one the resumed or updated index was made with, else the
+    default (:func:`mmcli.models.defaults.default_model`): an index is never continued with another.
     """
     from mmcli.distributed import resolve_device
+    from mmcli.models.defaults import default_model, use_cached_default
     from mmcli.models.loading import load_model
     from mmcli.retrieval import incremental
     from mmcli.retrieval.embedding import rank_and_world, resolve_inputs
@@ -59,8 +62,8 @@ def run(
         state = None if overwrite else ix.IndexWriter.resume_state(target)
         old = ix.open_index(target) if update and ix.index_exists(target) else None
         ref = model or (state.meta["model"]["ref"] if state else old.meta["model"]["ref"] if old else None)
-        if ref is None:
-            raise MmcliError("--model: give a run folder (runs/NAME) or ARCH:PRETRAINED to embed with")
+        ref = ref or default_model()
+        use_cached_default(ref)
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         loaded = load_model(ref, device=dev)
         meta, job = _describe(path, inputs, loaded, dtype=dtype, draft=draft, image_key=image_key, text_key=text_key)
@@ -114,11 +117,17 @@ def run(
         "resumed_from": resumed,
         "embedded": todo,
         "update": plan.summary() if plan else None,
+        "blank_lines_skipped": inputs.blank_lines,
+        "notes": [f"{path}: {_lines(inputs.blank_lines)} skipped (no text to embed)"] if inputs.blank_lines else [],
         "seconds": round(seconds, 3),
         "items_per_s": round(todo / seconds, 1) if seconds > 0 and todo else None,
         "device": str(dev),
         "is_main": rank == 0,
     }
+
+
+def _lines(n: int) -> str:
+    return f"{n} blank line{'s' * (n != 1)}"
 
 
 def _describe(

@@ -17,7 +17,7 @@ import numpy as np
 
 from mmcli import __version__, io
 from mmcli.errors import MmcliError
-from mmcli.spec import FuseSpec, load_spec
+from mmcli.spec import FuseSpec, load_spec_of_kind
 
 PREDICTIONS = "predictions.jsonl"
 FEATURES = "fused.npy"
@@ -36,7 +36,7 @@ def run(
 
     ``explain``: a folder for PNGs of a few validation images with each region's box labelled
     by its best-aligned caption concepts (graph fusion only)."""
-    spec: FuseSpec = load_spec(spec_path, FuseSpec, overrides)
+    spec: FuseSpec = load_spec_of_kind(spec_path, "fuse", overrides)
     from mmcli.distributed import close_world, init_world
 
     if spec.task == "generate" and (eval_only or explain is not None):
@@ -251,6 +251,8 @@ def _training_summary(result, world) -> dict[str, Any]:
         "steps": result.steps,
         "interrupted": result.interrupted,
         "samples_per_s": round(result.samples_per_s, 1),
+        "train_seconds": round(result.train_seconds, 1),
+        "loss_weights": result.loss_weights,
         "skipped": result.skipped,
         "world_size": world.world_size,
         "train": result.last_metrics,

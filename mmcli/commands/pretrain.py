@@ -7,7 +7,7 @@ from typing import Any
 
 from mmcli import __version__
 from mmcli.errors import MmcliError
-from mmcli.spec import PretrainSpec, load_spec
+from mmcli.spec import PretrainSpec, load_spec_of_kind
 
 
 def with_text_cfg(model_config: dict[str, Any], text_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -17,9 +17,22 @@ def with_text_cfg(model_config: dict[str, Any], text_cfg: dict[str, Any]) -> dic
     return {**model_config, "text_cfg": {**model_config.get("text_cfg", {}), **text_cfg}}
 
 
+def check_before_torch(spec: PretrainSpec) -> None:
+    """Report a misspelt architecture, weights path or data path before torch is imported (which
+    takes seconds): the checks that need no model."""
+    from mmcli.data.sources import source_format
+    from mmcli.models.architectures import check_model_spec
+
+    check_model_spec(spec.model)
+    for source in (spec.data.train, spec.data.val):
+        if source is not None:
+            source_format(source)  # a local path that does not exist, or a suffix of no known format
+
+
 def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: str = "auto") -> dict[str, Any]:
     """Run a pretraining spec end to end; return the summary (also printed by the CLI)."""
-    spec: PretrainSpec = load_spec(spec_path, PretrainSpec, overrides)
+    spec: PretrainSpec = load_spec_of_kind(spec_path, "pretrain", overrides)
+    check_before_torch(spec)
     from mmcli.data.batches import make_loader
     from mmcli.data.tokenize import Tokenize
     from mmcli.distributed import close_world, init_world
@@ -111,6 +124,8 @@ def run(spec_path: Path, overrides: list[str], *, resume: bool = False, device: 
             "steps": result.steps,
             "interrupted": result.interrupted,
             "samples_per_s": round(result.samples_per_s, 1),
+            "train_seconds": round(result.train_seconds, 1),
+            "loss_weights": result.loss_weights,
             "skipped": result.skipped,
             "world_size": world.world_size,
             "is_main": world.is_main,

@@ -39,7 +39,7 @@ def render_data_summary(result: dict[str, Any]) -> None:
 
 def render_pretrain_summary(result: dict[str, Any]) -> None:
     """What a pretraining run learned: final losses, validation recall against chance."""
-    train, val = result.get("train", {}), result.get("val", {})
+    val = result.get("val", {})
     rows = [
         ("run folder", result["run_dir"]),
         ("model", f"{result['arch']} ({result['parameters'] / 1e6:.1f} M parameters)"),
@@ -50,20 +50,39 @@ def render_pretrain_summary(result: dict[str, Any]) -> None:
             if not result.get("interrupted")
             else f"{result['steps']} (interrupted; --resume continues)",
         ),
-        ("samples/s", result["samples_per_s"]),
-        ("train loss", train.get("loss", "-")),
+        *training_rows(result),
     ]
     if result.get("skipped"):
         rows.append(("unreadable samples skipped", result["skipped"]))
     if val:
         rows += [
-            ("val loss", val.get("val_loss")),
-            ("val image→text R@1", val.get("image_to_text_R@1")),
-            ("val text→image R@1", val.get("text_to_image_R@1")),
-            ("chance R@1", val.get("chance_R@1")),
+            (f"val loss (contrastive only, step {val.get('step')})", _loss(val.get("val_loss"))),
+            ("val image→text R@1", _fraction(val.get("image_to_text_R@1"))),
+            ("val text→image R@1", _fraction(val.get("text_to_image_R@1"))),
+            ("chance R@1", _fraction(val.get("chance_R@1"))),
             ("val pairs", val.get("val_pairs")),
         ]
     console.print(key_value_table("pretrain", rows))
+
+
+def _loss(value: float | None) -> str:
+    """A loss to four decimals (every loss of every table), or - when none was logged."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def training_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Throughput and the last train line of a run: the loss the optimizer minimised (the weighted
+    sum of the objectives') and, when there are several or one is weighted, each objective's own
+    loss beside its weight. The line is that of the last step, also after a Ctrl-C."""
+    rows = [("samples/s (training steps)", f"{result.get('samples_per_s', 0.0):.1f}")]
+    train, weights = result.get("train") or {}, result.get("loss_weights") or {}
+    if "loss" not in train:
+        return [*rows, ("train loss", "-")]
+    parts = [name for name in weights if name in train]
+    if len(parts) == 1 and weights[parts[0]] == 1:
+        return [*rows, (f"train loss ({parts[0]}, step {train['step']})", _loss(train["loss"]))]
+    rows.append((f"train loss (Σ weight × loss, step {train['step']})", _loss(train["loss"])))
+    return rows + [(f"  {name} (weight {weights[name]:g})", _loss(train[name])) for name in parts]
 
 
 def render_fuse_summary(result: dict[str, Any]) -> None:
@@ -73,18 +92,17 @@ def render_fuse_summary(result: dict[str, Any]) -> None:
     if not result.get("eval_only"):
         rows += [
             ("steps", result.get("steps")),
-            ("samples/s", result.get("samples_per_s")),
-            ("train loss", result.get("train", {}).get("loss", "-")),
+            *training_rows(result),
         ]
         if result.get("skipped"):
             rows.append(("unreadable samples skipped", result["skipped"]))
     report = result.get("report", {})
     if report:
-        rows.append((f"val accuracy (n={report['n']})", report["accuracy"]))
+        rows.append((f"val accuracy (n={report['n']})", _fraction(report["accuracy"])))
         if "majority_baseline" in report:
-            rows.append((f"majority answer ({report['majority_answer']})", report["majority_baseline"]))
-            rows.append(("majority answer per type", report["type_majority_baseline"]))
-        rows += [(f"  {kind} (n={v['n']})", v["accuracy"]) for kind, v in report["per_type"].items()]
+            rows.append((f"majority answer ({report['majority_answer']})", _fraction(report["majority_baseline"])))
+            rows.append(("majority answer per type", _fraction(report["type_majority_baseline"])))
+        rows += [(f"  {kind} (n={v['n']})", _fraction(v["accuracy"])) for kind, v in report["per_type"].items()]
     for mode, mlm in result.get("base_mlm", {}).items():
         groups = ", ".join(f"{g} {_fraction(v['accuracy'])}" for g, v in mlm["groups"].items())
         rows.append(
@@ -232,8 +250,30 @@ def render_retrieve(result: dict[str, Any]) -> None:
     search = result["search"]
     note = f"{search['method']} search over {result['count']:,} rows"
     if search.get("recall_at_10") is not None:
-        note += f" (recall@10 against exact search at build: {search['recall_at_10']:.3f})"
+        note += f" ({_build_check(search['recall_at_10'])})"
     console.print(note, style="dim")
+
+
+def render_paths(result: dict[str, Any]) -> None:
+    """``retrieve --paths``: the absolute path of each hit, one a line, query after query, nothing
+    else on stdout (for ``xargs``, ``feh``, …)."""
+    for query in result["queries"]:
+        for hit in query["results"]:
+            print(hit["path"])
+
+
+def report_notes(result: dict[str, Any]) -> None:
+    """On stderr (also under ``--json`` and ``--paths``): the result's notes, one a line (blank lines
+    skipped in an input, what a folder's index update did)."""
+    for note in result.get("notes") or []:
+        print(note, file=sys.stderr)
+
+
+def _build_check(recall: float | None) -> str:
+    # FAISS files are checked once, at build, at k=10, whatever --k a search asks for: say so.
+    if recall is None:
+        return "no recall check at build"
+    return f"the index's build check: recall@10 against exact search {recall:.3f}"
 
 
 def render_duplicates(result: dict[str, Any]) -> None:
@@ -270,6 +310,8 @@ def render_index_build(result: dict[str, Any]) -> None:
         ("file size", f"{result['file_bytes'] / gib:.3f} GiB"),
         ("peak memory", f"{result['peak_rss_bytes'] / gib:.2f} GiB of {result['max_memory'] / gib:.2f} GiB allowed"),
     ]
+    if result.get("lists_file"):
+        rows.insert(-1, ("lists on disk", f"{result['lists_file']} ({result['lists_file_bytes'] / gib:.3f} GiB)"))
     console.print(key_value_table("index build", rows))
 
 
@@ -277,10 +319,10 @@ def report_faiss_build(result: dict[str, Any]) -> None:
     """On stderr (also under ``--json``): a FAISS index built for this search, and its recall check."""
     search = result["search"]
     if search.get("built"):
+        params = ", ".join(f"{k}={v}" for k, v in (search.get("params") or {}).items())
         print(
-            f"built a {search['method']} index {search['path']} in {search['build_seconds']:.1f} s "
-            f"({search['params']}); "
-            f"recall@10 against exact search: {search['recall_at_10']:.3f}",
+            f"built a {search['method']} index {search['path']} in {search['build_seconds']:.1f} s"
+            f"{f' ({params})' if params else ''}; {_build_check(search['recall_at_10'])}",
             file=sys.stderr,
         )
 
@@ -338,3 +380,20 @@ def render_eval(result: dict[str, Any]) -> None:
     for note in result.get("notes", []):
         console.print(note, style="dim")
     console.print(f"results: {result['json']}", style="dim")
+
+
+def render_compare(result: dict[str, Any]) -> None:
+    """``mmcli eval --compare``: a column per run, a row per quantity with its last logged value
+    (losses to four decimals, scores to three), and where the picture is."""
+    runs = result["runs"]
+    labels = list(dict.fromkeys(label for run in runs for label in run["last"]))
+    table = Table(title="training curves compared (last values)", title_justify="left")
+    table.add_column("")
+    for run in runs:
+        table.add_column(run["name"], justify="right")
+    table.add_row("steps", *(str(run["steps"]) for run in runs))
+    for label in labels:
+        show = _loss if "loss" in label else _fraction
+        table.add_row(label, *("-" if label not in run["last"] else show(run["last"][label]) for run in runs))
+    console.print(table)
+    console.print(f"picture: {result['out']}", style="dim")

@@ -17,7 +17,8 @@ from mmcli.retrieval.search import make_searcher
 def run(
     query: str | None,
     *,
-    index_path: str,
+    index_path: str | None = None,
+    folder: str | None = None,
     k: int = 10,
     queries_file: str | None = None,
     image: bool = False,
@@ -27,16 +28,29 @@ def run(
     model: str | None = None,
     threshold: float | None = None,
     max_memory: str | None = None,
+    paths_only: bool = False,
     device: str = "auto",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Top-``k`` items of ``index_path`` for each query (those scoring at least ``threshold``, when
-    given); see the CLI help for the options. Image rows carry their absolute ``path``; rows with
-    metadata their ``caption`` and kept columns.
+    """Top-``k`` items of ``index_path``, or of the images of ``folder`` (:func:`folder_index`), for
+    each query (those scoring at least ``threshold``, when given); see the CLI help for the options.
+    Image rows carry their absolute ``path``; rows with metadata their ``caption`` and kept columns.
 
-    ``overwrite`` lets a contact sheet replace a file mmcli did not write (see :func:`check_grid_paths`).
+    ``overwrite`` lets a contact sheet replace a file mmcli did not write (see :func:`check_grid_paths`);
+    ``paths_only`` (``--paths``) is refused, before any work, for an index whose rows are not image files.
     """
-    queries = collect_queries(query, queries_file)
+    queries, blank = collect_queries(query, queries_file)
+    if (index_path is None) == (folder is None):
+        raise MmcliError("give --index INDEX (an index written by embed) or --in FOLDER (a folder of images)")
+    notes = [f"--queries {queries_file}: {blank} blank line{'s' * (blank != 1)} skipped"] if blank else []
+    refreshed = None
+    if folder is not None:
+        refreshed = folder_index(folder, model=model, device=device, progress=progress)
+        index_path, model = refreshed["index"], None  # the cached index names the model that made it
+        notes += refreshed.pop("notes")
     index = ix.open_index(index_path)
+    if paths_only and not has_image_files(index):
+        raise MmcliError(f"--paths: {index.path} does not hold image files (a {index.meta.get('modality')} index)")
     if grid:
         check_grid_paths(index, [grid_path(grid, n, len(queries)) for n in range(len(queries))], overwrite=overwrite)
     encoder = QueryEncoder(index, model_ref=model, device=device)
@@ -61,7 +75,50 @@ def run(
         "k": k,
         "threshold": threshold,
         "search": search.describe(),
+        "folder": refreshed,
+        "notes": notes,
         "queries": out,
+    }
+
+
+def folder_index(folder: str, *, model: str | None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """The cached index of ``folder``'s images (:mod:`mmcli.retrieval.folder_cache`), embedded on
+    first use and brought up to date with ``embed --update`` afterwards; returns where it is and
+    what was done (the update's counts), with a note for stderr when anything was embedded.
+
+    The model is ``model``, else the default (:func:`mmcli.models.defaults.default_model`). When no
+    file changed, the model is not even loaded: the file signatures decide.
+    """
+    from mmcli.commands import embed
+    from mmcli.models.defaults import default_model
+    from mmcli.retrieval import folder_cache
+    from mmcli.retrieval.incremental import IncompatibleIndex
+
+    inputs = folder_cache.folder_images(folder)
+    root = Path(inputs.root)
+    ref = model or default_model()
+    target = folder_cache.cached_index_path(root, ref)
+    counts = folder_cache.unchanged(target, inputs)
+    if counts is not None:
+        return {"folder": str(root), "index": str(target), "embedded": 0, "update": counts, "notes": []}
+    first = not ix.index_exists(target)
+    kwargs = {"model": ref, "modality": "image", "device": device, "progress": progress}
+    try:
+        result = embed.run(str(root), str(target), update=not first, **kwargs)
+    except IncompatibleIndex:  # made by an older mmcli or another decoding: the cache is re-made whole
+        result = embed.run(str(root), str(target), overwrite=True, **kwargs)
+        first = True
+    done = (
+        f"{result['count']} images embedded into {target}"
+        if first
+        else "{new} new, {changed} changed, {deleted} deleted, {unchanged} unchanged".format(**result["update"])
+    )
+    return {
+        "folder": str(root),
+        "index": str(target),
+        "embedded": result["embedded"],
+        "update": result["update"],
+        "notes": [f"--in {folder}: {done}" + (f", {len(result['skipped'])} unreadable" if result["skipped"] else "")],
     }
 
 
@@ -112,17 +169,26 @@ def run_duplicates(index_path: str, *, threshold: float = 0.95) -> dict[str, Any
     }
 
 
-def collect_queries(query: str | None, queries_file: str | None) -> list[str]:
-    """``query`` followed by the non-blank lines of ``queries_file``; at least one."""
-    queries = [query] if query else []
-    if queries_file:
-        path = Path(queries_file)
-        if not path.is_file():
-            raise MmcliError(f"--queries {queries_file}: no such file")
-        queries += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def collect_queries(query: str | None, queries_file: str | None) -> tuple[list[str], int]:
+    """``[query]``, or the non-blank lines of ``queries_file`` and how many lines were blank (the
+    caller reports them: a dropped line must not go unnoticed). Exactly one of the two is given."""
+    if query and queries_file:
+        raise MmcliError(f"give a QUERY or --queries {queries_file}, not both")
+    if not queries_file:
+        if not query:
+            raise MmcliError("give a QUERY (a text or an image file) or --queries FILE")
+        return [query], 0
+    path = Path(queries_file)
+    if not path.is_file():
+        raise MmcliError(f"--queries {queries_file}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise MmcliError(f"--queries {queries_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    queries = [line.strip() for line in lines if line.strip()]
     if not queries:
-        raise MmcliError("give a QUERY (a text or an image file) or --queries FILE")
-    return queries
+        raise MmcliError(f"--queries {queries_file}: no queries (every line is blank)")
+    return queries, len(lines) - len(queries)
 
 
 def grid_path(grid: str, n: int, total: int) -> Path:

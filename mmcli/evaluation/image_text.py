@@ -6,7 +6,7 @@ CLIP_benchmark-style metrics (names as in CLIP_benchmark, so results can sit sid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from mmcli.data.images import is_image_file
 from mmcli.data.sources import read_records, source_format
 from mmcli.errors import MmcliError
 from mmcli.evaluation import metrics
+from mmcli.evaluation.results import probe_key
 from mmcli.spec import LabelledSourceSpec, LinearProbeTaskSpec, RetrievalTaskSpec, SourceSpec, ZeroShotTaskSpec
 from mmcli.viz.confusion import plot_confusion
 
@@ -73,47 +74,72 @@ def class_index(labels: list[str], class_names: list[str] | None, where: str) ->
     return names, np.asarray([position[label] for label in labels], dtype=np.int64)
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``(train, test)`` indices holding out ``round(test_fraction·n_c)`` of each class c,
-    at least one and at most ``n_c − 1``: every class keeps a training example (a class the probe
-    never saw could not be predicted), and a class of one example is not tested."""
-    rng = np.random.default_rng(seed)
-    train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        n_test = min(max(1, round(test_fraction * len(members))), len(members) - 1)
-        test.append(members[:n_test])
-        train.append(members[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
 # --------------------------------------------------------------------------------------------
 # tasks
 # --------------------------------------------------------------------------------------------
 
 
-class Embedder:
-    """Image and text embeddings of one loaded model, with the skipped images collected."""
+class EmbedProgress(Protocol):
+    """Where :class:`Embedder` reports its batches (the command draws them as a progress bar)."""
 
-    def __init__(self, loaded, *, device, batch_size: int, workers: int):
+    def start(self, what: str, total: int) -> None:
+        """A new pass over ``total`` items begins, described as ``what``."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more items are embedded (or skipped)."""
+
+
+class _Silent:
+    def start(self, what: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class Embedder:
+    """Image and text embeddings of one loaded model, with the skipped images collected.
+
+    Embeds as :func:`mmcli.retrieval.embedding.embed_images` and ``embed_texts`` do (the same
+    loader, autocast and renormalisation), batch by batch, so that ``progress`` sees each batch.
+    """
+
+    def __init__(self, loaded, *, device, batch_size: int, workers: int, progress: EmbedProgress | None = None):
         self.loaded, self.device, self.batch_size, self.workers = loaded, device, batch_size, workers
+        self.progress: EmbedProgress = progress or _Silent()
         self.skipped: list[tuple[str, str]] = []
 
     def images(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings of the usable images, mask of the usable ones)``."""
-        from mmcli.retrieval.embedding import embed_images
+        from mmcli.retrieval.embedding import ImageItems, Item, draft_size, encode_image_batches, image_loader
 
-        emb, ok, bad = embed_images(
-            self.loaded, paths, batch_size=self.batch_size, workers=self.workers, device=self.device
-        )
-        self.skipped += bad
-        return emb, ok
+        preprocess = self.loaded.preprocess
+        dataset = ImageItems([Item(str(i), p) for i, p in enumerate(paths)], preprocess, draft=draft_size(preprocess))
+        loader = image_loader(dataset, batch_size=self.batch_size, workers=self.workers)
+        rows, ok = [], np.zeros(len(paths), dtype=bool)
+        self.progress.start("embedding images", len(paths))
+        for keys, emb, failed in encode_image_batches(self.loaded.model, loader, self.device):
+            if keys:
+                rows.append(emb)
+                ok[[int(k) for k in keys]] = True
+            self.skipped += [(paths[int(k)], reason) for k, reason in failed]
+            self.progress.advance(len(keys) + len(failed))
+        dim = rows[0].shape[1] if rows else self.loaded.model.clip.visual.output_dim
+        return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), ok
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """Text embeddings, in order."""
-        from mmcli.retrieval.embedding import embed_texts
+        from mmcli.retrieval.embedding import Item, encode_text_batches
 
-        return embed_texts(self.loaded, texts, batch_size=self.batch_size, device=self.device)
+        items = [Item(str(i), t) for i, t in enumerate(texts)]
+        self.progress.start("embedding texts", len(texts))
+        rows = []
+        for keys, emb, _ in encode_text_batches(
+            self.loaded.model, self.loaded.tokenizer, items, batch_size=self.batch_size, device=self.device
+        ):
+            rows.append(emb)
+            self.progress.advance(len(keys))
+        return np.concatenate(rows)
 
 
 def zero_shot(
@@ -180,38 +206,48 @@ def retrieval(embedder: Embedder, spec: RetrievalTaskSpec, *, notes: list[str] |
 
 
 def linear_probe(embedder: Embedder, spec: LinearProbeTaskSpec, *, notes: list[str] | None = None) -> dict[str, Any]:
-    """Test accuracy of a logistic regression on frozen image embeddings, for each shot count.
-    A row is None (and noted) without a test example, when some class has no training example,
-    or, for k shots, when some class has fewer than k: it would not be a k-shot figure."""
+    """Test accuracy of a logistic regression on frozen image embeddings, for each shot count
+    (:func:`mmcli.evaluation.metrics.linear_probe`: ``C`` swept on a validation split of each
+    sample). Per row: ``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall`` (CLIP_benchmark's
+    names) and ``lp_C``, suffixed ``_{k}shot`` for k shots. A row is None (and noted) without a
+    test example, when some class has no training example, for k shots when some class has fewer
+    than k (it would not be a k-shot figure), and when every class has at most k (it would repeat
+    the full row: noted as ``= lp_acc1``)."""
     notes = notes if notes is not None else []
     paths, labels = read_labelled(spec.train)
     names, y = class_index(labels, None, spec.train.path)
     emb, ok = embedder.images(paths)
     x, y = emb, y[ok]
     if spec.test is None:
-        train, test = stratified_split(y, spec.test_fraction, spec.seed)
+        train, test = metrics.stratified_split(y, spec.test_fraction, spec.seed)
         tx, ty, x, y = x[test], y[test], x[train], y[train]
     else:
         test_paths, test_labels = read_labelled(spec.test)
         _, test_y = class_index(test_labels, names, spec.test.path)
         tx, test_ok = embedder.images(test_paths)
         ty = test_y[test_ok]
-    accs = metrics.linear_probe(x, y, tx, ty, n_classes=len(names), shots=spec.shots, seed=spec.seed)
-    out = {_probe_key(k): acc for k, acc in accs.items()}
-    for k, acc in accs.items():
-        if acc is None:
-            notes.append(f"linear probe {_probe_key(k)}: not scored ({_probe_shortfall(y, ty, names, k)})")
+    rows = metrics.linear_probe(x, y, tx, ty, n_classes=len(names), shots=spec.shots, seed=spec.seed)
+    out: dict[str, Any] = {}
+    for k, row in rows.items():
+        out[probe_key("lp_acc1", k)] = row.acc1 if row else None
+        out[probe_key("lp_acc5", k)] = row.acc5 if row else None
+        out[probe_key("lp_mean_per_class_recall", k)] = row.mean_per_class_recall if row else None
+        out[probe_key("lp_C", k)] = row.c if row else None
+        if row is None:
+            notes.append(f"linear probe {probe_key('lp_acc1', k)}: {_probe_shortfall(y, ty, names, k)}")
+    if any(row and row.acc5 is None for row in rows.values()):
+        notes.append(f"linear probe lp_acc5: not available with {len(names)} classes (needs more than 5)")
     return {**out, "n_train": int(len(y)), "n_test": int(len(ty)), "n_classes": len(names)}
-
-
-def _probe_key(k: int | None) -> str:
-    return "lp_acc1" if k is None else f"lp_acc1_{k}shot"
 
 
 def _probe_shortfall(y: np.ndarray, ty: np.ndarray, names: list[str], k: int | None) -> str:
     if len(ty) == 0:
-        return "no usable test image"
+        return "not scored (no usable test image)"
+    if len(names) < 2:
+        return "not scored (a single class: every image would be right)"
+    if k is not None and len(y) and metrics.k_shot_is_full(y, k) and not metrics.short_classes(y, len(names), None):
+        return f"= lp_acc1 (every class has at most {k} training images: the {k}-shot sample is the full set)"
     short = metrics.short_classes(y, len(names), k)
     listed = ", ".join(f"{names[c]!r} has {n}" for c, n in list(short.items())[:3])
     more = f" and {len(short) - 3} more classes" if len(short) > 3 else ""
-    return f"needs {k or 1} training image{'s' if (k or 1) > 1 else ''} per class; {listed}{more}"
+    return f"not scored (needs {k or 1} training image{'s' if (k or 1) > 1 else ''} per class; {listed}{more})"

@@ -1,7 +1,7 @@
 """Evaluation metrics as pure functions.
 
-Inputs are numpy arrays or torch tensors (any device; converted by :func:`to_numpy`). Only
-:func:`linear_probe`, which trains a classifier, imports torch.
+Inputs are numpy arrays or torch tensors (any device; converted by :func:`to_numpy`). Nothing
+here imports torch; :func:`linear_probe`, which trains a classifier, imports scikit-learn.
 
 Ties count against the model in retrieval, zero-shot and matching: an item scoring exactly as
 much as the right answer is ranked before it, so a model that gives every candidate the same
@@ -18,6 +18,7 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -206,6 +207,30 @@ def sample_shots(labels: ArrayLike, k: int | None, *, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
+C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 11))
+"""Inverse regularisation strengths (scikit-learn's ``C``) the probe sweeps: half-decade steps
+from 1e-3 to 1e2, as CLIP_benchmark sweeps weight decay over a log grid."""
+
+DEFAULT_C = 1.0
+"""``C`` of a probe that has no validation example to choose with (every class has one example):
+scikit-learn's default."""
+
+VALIDATION_FRACTION = 0.2
+"""Share of each class of a probe's training sample held out to choose ``C``."""
+
+
+@dataclass(frozen=True)
+class ProbeRow:
+    """One fitted probe: test top-1, top-5 (None with 5 classes or fewer) and mean per-class
+    recall, the chosen ``C`` and its validation accuracy (None when nothing was held out)."""
+
+    acc1: float
+    acc5: float | None
+    mean_per_class_recall: float
+    c: float
+    val_acc1: float | None
+
+
 def linear_probe(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -215,24 +240,31 @@ def linear_probe(
     n_classes: int,
     shots: Sequence[int | None] = (1, 2, 4, 8, 16, None),
     seed: int = 0,
-    steps: int = 200,
-    weight_decay: float = 1e-3,
-) -> dict[int | None, float]:
-    """Test accuracy of a logistic regression on frozen features, for each few-shot size.
+    c_grid: Sequence[float] = C_GRID,
+) -> dict[int | None, ProbeRow | None]:
+    """A logistic regression on frozen features, for each few-shot size (CLIP's linear probe).
 
     ``train_x`` N×D, ``train_y`` N ints, ``test_x`` M×D, ``test_y`` M ints. For each ``k`` in
-    ``shots`` the classifier sees :func:`sample_shots` (k per class, seeded; None = all) of
-    the features standardised with the mean and std of all of ``train_x``, and is fitted by
-    full-batch L-BFGS (``steps`` iterations) on cross-entropy + ``weight_decay``/2·‖W‖². Returns
-    {k: acc}; an accuracy is None (not fitted) without a test example or a second class, or when some of the
+    ``shots`` the classifier sees :func:`sample_shots` (k per class, seeded; None = all) of the
+    features standardised with the mean and std of all of ``train_x``; ``C`` is chosen by
+    :func:`choose_c` on a stratified :data:`VALIDATION_FRACTION` of that sample (so a k-shot
+    probe uses no label beyond its k per class), then the probe is refitted on the whole sample.
+
+    A row is None (not fitted) without a test example or a second class, when some of the
     ``n_classes`` classes has fewer than ``k`` (for ``None``: fewer than 1) training examples, so
-    that a row is never a k-shot figure that is not k-shot (see :func:`short_classes`).
+    that a row is never a k-shot figure that is not k-shot (see :func:`short_classes`), and when
+    the k-shot sample is the whole training set (:func:`k_shot_is_full`): it would repeat the
+    full row.
     """
     x, tx = _float_matrix(train_x, "train_x"), _float_matrix(test_x, "test_x")
     y, ty = _labels(train_y, n_classes, "train_y"), _labels(test_y, n_classes, "test_y")
-    results: dict[int | None, float | None] = {k: None for k in shots}
+    results: dict[int | None, ProbeRow | None] = {k: None for k in shots}
     # With one class any classifier is always right: no figure.
-    fitted = [k for k in shots if len(ty) and n_classes > 1 and not short_classes(y, n_classes, k)]
+    fitted = [
+        k
+        for k in shots
+        if len(ty) and n_classes > 1 and not short_classes(y, n_classes, k) and not (k and k_shot_is_full(y, k))
+    ]
     if not fitted:
         return results
     # Statistics of all training features (no labels): a 1-shot sample's own spread would
@@ -241,9 +273,15 @@ def linear_probe(
     x, tx = (x - mean) / std, (tx - mean) / std
     for k in fitted:
         chosen = sample_shots(y, k, seed=seed)
-        predict = _fit_logistic(x[chosen], y[chosen], n_classes, steps=steps, weight_decay=weight_decay)
-        results[k] = float(np.mean(predict(tx) == ty))
+        results[k] = _probe(x[chosen], y[chosen], tx, ty, n_classes, seed=seed, c_grid=c_grid)
     return results
+
+
+def k_shot_is_full(train_y: ArrayLike, k: int) -> bool:
+    """Whether every class has at most ``k`` training examples: the k-shot sample is then the
+    whole training set and the k-shot row would repeat the full one."""
+    counts = np.bincount(np.asarray(to_numpy(train_y), dtype=np.int64).reshape(-1))
+    return bool(counts.size) and int(counts.max()) <= k
 
 
 def short_classes(train_y: ArrayLike, n_classes: int, k: int | None) -> dict[int, int]:
@@ -253,30 +291,69 @@ def short_classes(train_y: ArrayLike, n_classes: int, k: int | None) -> dict[int
     return {c: int(n) for c, n in enumerate(counts) if n < need}
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, weight_decay: float):
-    """Fit a multinomial logistic regression; return a function features → class."""
-    import torch
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, test)`` indices holding out ``round(test_fraction·n_c)`` of each class c,
+    at least one and at most ``n_c − 1``: every class keeps a training example (a class the probe
+    never saw could not be predicted), and a class of one example is not tested."""
+    rng = np.random.default_rng(seed)
+    train, test = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = min(max(1, round(test_fraction * len(members))), len(members) - 1)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
-    features, targets = torch.from_numpy(x).double(), torch.from_numpy(y)
-    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(features @ weight + bias, targets)
-        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
+def choose_c(
+    x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, c_grid: Sequence[float]
+) -> tuple[float, float]:
+    """``(C, validation accuracy)`` of the best probe fitted on ``x`` and scored on ``val_x``.
 
-    optimizer.step(closure)
+    Ties go to the ``C`` nearest :data:`DEFAULT_C` (on the log scale): a validation set of a few
+    examples often ties every ``C``, and then the ends of the grid (all prior, or no
+    regularisation) are the riskiest picks."""
+    accs = [float(np.mean(_fit_logistic(x, y, c).predict(val_x) == val_y)) for c in c_grid]
+    tied = [i for i, acc in enumerate(accs) if acc == max(accs)]
+    best = min(tied, key=lambda i: abs(np.log(c_grid[i] / DEFAULT_C)))
+    return float(c_grid[best]), accs[best]
 
-    def predict(test: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            logits = torch.from_numpy(test).double() @ weight + bias
-        return logits.argmax(1).numpy()
 
-    return predict
+def _probe(
+    x: np.ndarray, y: np.ndarray, tx: np.ndarray, ty: np.ndarray, n_classes: int, *, seed: int, c_grid
+) -> ProbeRow:
+    """Choose ``C`` on a validation split of ``(x, y)``, refit on all of it, score on ``(tx, ty)``."""
+    fit, val = stratified_split(y, VALIDATION_FRACTION, seed)
+    c, val_acc = choose_c(x[fit], y[fit], x[val], y[val], c_grid) if len(val) else (DEFAULT_C, None)
+    model = _fit_logistic(x, y, c)
+    hits = model.predict(tx) == ty
+    # Every class is in the sample (short_classes), so the probability columns are the classes 0..C-1.
+    rank = true_class_rank(model.predict_proba(tx), ty)
+    return ProbeRow(
+        acc1=float(np.mean(hits)),
+        acc5=float(np.mean(rank < 5)) if n_classes > 5 else None,
+        mean_per_class_recall=float(mean_per_class_recall(hits, ty)),
+        c=c,
+        val_acc1=val_acc,
+    )
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
+    """scikit-learn's multinomial logistic regression (L-BFGS, L2 penalty 1/(2C)·‖W‖²), fitted.
+
+    A fit that stops at ``max_iter`` before converging (weak regularisation on separable
+    features) still classifies; its warning would only repeat for every ``C`` of the sweep.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        # A few-shot sample has as many classes as examples or nearly: classification all the same.
+        warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%", UserWarning)
+        return LogisticRegression(C=c, max_iter=1000).fit(x, y)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from mmcli.errors import MmcliError
+from mmcli.models.architectures import PRESET_DIR, check_model_spec, is_local_file, unknown_architecture
+from mmcli.models.hub import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, local_weights
 from mmcli.spec import ModelSpec, check_arch_name
 
-PRESET_DIR = Path(__file__).parent / "configs"
-PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
 _registered = False
 
 
@@ -86,34 +86,27 @@ def _quiet_open_clip() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _is_local_file(value: str) -> bool:
-    return Path(value).expanduser().is_file()
-
-
 def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -> DualEncoder:
     """Build the dual encoder named by ``spec`` (random init, a local file, or a hub tag)."""
+    check_model_spec(spec)  # what is known without open_clip (commands check it before importing torch)
     register_presets()
     if spec.config is not None:
         register_config(spec.arch, spec.config)
-    if spec.arch not in open_clip.list_models() and not spec.arch.startswith(("hf-hub:", "local-dir:")):
-        raise MmcliError(
-            f"model.arch: unknown architecture {spec.arch!r}; use an open_clip.list_models() name, "
-            f"an mmcli preset ({', '.join(PRESETS)}), or give model.config"
-        )
+    if spec.arch not in open_clip.list_models() and not spec.arch.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        raise unknown_architecture(spec.arch)
     pretrained = spec.pretrained
     if pretrained is not None and pretrained.startswith("hf-hub:"):
         arch, pretrained = pretrained, None
     else:
         arch = spec.arch
-    if pretrained is not None and not _is_local_file(pretrained):
-        if "/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")):
-            raise MmcliError(f"model.pretrained: no such file {pretrained!r}")
+    hub_weights = pretrained is not None or arch.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+    arch, pretrained = local_weights(arch, pretrained)  # cached, or fetched with one try
     try:
         with _quiet_open_clip():
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 arch,
                 pretrained=str(Path(pretrained).expanduser())
-                if pretrained and _is_local_file(pretrained)
+                if pretrained and is_local_file(pretrained)
                 else pretrained,
                 device=device,
                 weights_only=True,
@@ -128,7 +121,7 @@ def build_dual_encoder(spec: ModelSpec, *, device: str | torch.device = "cpu") -
         ) from None
     except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise _weights_error(spec, exc) from None
-    if pretrained is None:
+    if not hub_weights:  # a CoCa decoder loaded from hub weights keeps its projection
         init_caption_decoder(model)
     tokenizer = open_clip.get_tokenizer(arch)
     return DualEncoder(
@@ -154,7 +147,7 @@ def init_caption_decoder(model: nn.Module) -> None:
 def _weights_error(spec: ModelSpec, exc: Exception) -> MmcliError:
     """An actionable message when weights cannot be had (usually: offline)."""
     what = spec.pretrained or spec.arch
-    if spec.pretrained and not _is_local_file(spec.pretrained):
+    if spec.pretrained and not is_local_file(spec.pretrained):
         return MmcliError(
             f"model.pretrained: could not get weights {what!r} for {spec.arch!r} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}). Offline? Download them on a connected machine, e.g. "

@@ -82,7 +82,7 @@ def _load_run(run_dir: Path, device) -> LoadedModel:
 def _is_architecture(name: str) -> bool:
     import open_clip
 
-    from mmcli.models.encoders import PRESETS
+    from mmcli.models.architectures import PRESETS
 
     return name in PRESETS or name in open_clip.list_models()
 

@@ -43,13 +43,15 @@ class Item:
 @dataclass(frozen=True)
 class Inputs:
     """What ``mmcli embed PATH`` reads: ``items`` (None for streamed webdataset ``urls``), the
-    ``modality``, the ``root`` that relative keys start from, and the input ``format``."""
+    ``modality``, the ``root`` that relative keys start from, and the input ``format``;
+    ``blank_lines``: the lines of a text file left out because they hold no text (reported)."""
 
     format: str
     modality: str
     root: str
     items: list[Item] | None = None
     urls: list[str] | None = None
+    blank_lines: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +99,9 @@ def resolve_inputs(
     if fmt == "text":
         if modality == "image":
             raise MmcliError(f"{path}: a text file holds texts; use --modality text or auto")
-        return Inputs(fmt, modality, str(Path(path).resolve().parent), items=text_file_items(Path(path)))
+        texts, blank = text_file_lines(Path(path))
+        root = str(Path(path).resolve().parent)
+        return Inputs(fmt, modality, root, items=[Item(t, t) for t in texts], blank_lines=blank)
     if fmt == "folder":
         if modality == "text":
             raise MmcliError(f"{path}: a folder of images has no texts to embed; use --modality image")
@@ -178,14 +182,20 @@ def _real(image: str) -> str:
 
 def text_file_items(path: Path) -> list[Item]:
     """One item per non-blank line of a UTF-8 text file (surrounding spaces dropped)."""
+    return [Item(text, text) for text in text_file_lines(path)[0]]
+
+
+def text_file_lines(path: Path) -> tuple[list[str], int]:
+    """The non-blank lines of a UTF-8 text file (surrounding spaces dropped), and how many lines were
+    blank: a blank line has no text to embed, and the caller reports the count rather than hiding it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise MmcliError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    items = [Item(line.strip(), line.strip()) for line in lines if line.strip()]
-    if not items:
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
         raise MmcliError(f"{path}: no texts (every line is blank)")
-    return items
+    return texts, len(lines) - len(texts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ from mmcli.retrieval.index.metadata import STAT_COLUMNS, Columns, MetadataSource
 _COMPARED = ("modality", "dtype", "root", "decode")
 
 
+class IncompatibleIndex(MmcliError):
+    """The index to update was made with another model, dtype, modality, root or decoding: its rows
+    cannot be kept. Still a one-line user error; a caller that owns the index (``retrieve --in``'s
+    cache) catches it and re-embeds everything instead."""
+
+
 @dataclass(frozen=True)
 class UpdatePlan:
     """What an update does: ``kept`` maps the key of each unchanged item to its row in ``old``."""
@@ -60,7 +66,7 @@ def check_compatible(old: ix.Index, meta: dict, dtype: str, model_checksum: str 
     checks += [(k, old.meta.get(k), now[k]) for k in _COMPARED if k != "decode" or "decode" in old.meta]
     for name, before, after in checks:
         if before != after:
-            raise MmcliError(
+            raise IncompatibleIndex(
                 f"--update: {old.path} was embedded with another {name} ({before} there, {after} now); "
                 "rerun with --overwrite to re-embed everything"
             )

@@ -19,8 +19,18 @@ from mmcli.retrieval import index as ix
 
 
 def is_image_query(query: str) -> bool:
-    """Whether ``query`` names an existing image file (by its suffix, any letter case)."""
-    return query.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(query)
+    """Whether ``query`` names an image file: it ends in an image suffix (any letter case) and is
+    one word or holds a path separator (``cat.jpg``, ``my photos/cat.jpg``; ``a photo of cat.jpg``
+    is a text). Such a query that names no file is an error, not a text search for the file name:
+    a typo in a path would otherwise return confident results for the wrong query."""
+    one_word = not any(c.isspace() for c in query)
+    looks_like_path = query.lower().endswith(IMAGE_SUFFIXES) and (one_word or "/" in query or os.sep in query)
+    if looks_like_path and not os.path.isfile(query):
+        raise MmcliError(
+            f"{query}: no such image file (a query ending in an image suffix is read as a path; "
+            f"words around it, e.g. 'a photo of {os.path.basename(query)}', make it a text)"
+        )
+    return looks_like_path
 
 
 class QueryEncoder:
@@ -108,8 +118,10 @@ class QueryEncoder:
 
     def _loaded(self):
         if self._full is None:
+            from mmcli.models.defaults import use_cached_default
             from mmcli.models.loading import load_model
 
+            use_cached_default(self.ref)  # the default model's cached weights are read with no request
             self._full = load_model(self.ref, device=self._torch_device())
             if self.run_dir is None:
                 self._check_checksum(self._full.checksum, where=self.ref)

@@ -6,7 +6,7 @@ keys are rejected everywhere so that a typo never silently falls back to a defau
 One module per concern: :mod:`~mmcli.spec.base` (the :class:`Section` base and loading),
 :mod:`~mmcli.spec.common` (sections shared by several run kinds), :mod:`~mmcli.spec.fusion`
 (fusion encoder and graph), :mod:`~mmcli.spec.pretrain`, :mod:`~mmcli.spec.fuse` and
-:mod:`~mmcli.spec.evaluate` (one per command), :mod:`~mmcli.spec.kinds` (spec kind by file name).
+:mod:`~mmcli.spec.evaluate` (one per command), :mod:`~mmcli.spec.kinds` (spec kind by file name or keys).
 Import from ``mmcli.spec``; every public name is re-exported here.
 """
 
@@ -35,7 +35,7 @@ from mmcli.spec.evaluate import (
 )
 from mmcli.spec.fuse import FuseDataSpec, FuseSpec, GeneratorSpec
 from mmcli.spec.fusion import FusionSpec, GraphSpec
-from mmcli.spec.kinds import SPEC_KINDS, spec_model_for
+from mmcli.spec.kinds import SPEC_KINDS, check_kind, kind_of, load_spec_of_kind, spec_model_for
 from mmcli.spec.pretrain import (
     ClipObjectiveSpec,
     DataSpec,
@@ -94,5 +94,8 @@ __all__ = [
     "ZeroShotTaskSpec",
     # kinds
     "SPEC_KINDS",
+    "check_kind",
+    "kind_of",
+    "load_spec_of_kind",
     "spec_model_for",
 ]

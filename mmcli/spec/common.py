@@ -210,6 +210,11 @@ class TrainSpec(Section):
     save_every: int | None = Field(None, ge=1)
     """Save a resumable checkpoint every this many steps (and always at the end)."""
 
+    tensorboard: bool = False
+    """Also write the lines of ``metrics.jsonl`` as TensorBoard events in ``<run>/tensorboard/``
+    (``tensorboard --logdir runs``); needs the ``tensorboard`` package (``pip install
+    'mmcli[tensorboard]'``). ``curves.png`` is drawn either way."""
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSpec:
         if (self.steps is None) == (self.epochs is None):

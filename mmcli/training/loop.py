@@ -4,7 +4,9 @@ It trains a :class:`~mmcli.training.tasks.TrainingTask` (named losses and their 
 to do after a step) and knows nothing else of the model: AdamW (Loshchilov & Hutter) with
 weight-decay groups, cosine schedule with warm-up, gradient clipping and accumulation, bf16
 autocast, DDP, periodic validation, resumable atomic checkpoints, and a clean stop (with a
-checkpoint) on SIGINT/SIGTERM.
+checkpoint) on SIGINT/SIGTERM. What it logs goes through :class:`~mmcli.training.run_log.RunLog`
+(``metrics.jsonl``, ``curves.png``, TensorBoard); its samples/s is :class:`Throughput`'s, the one
+figure of the progress bar, ``metrics.jsonl`` and the summary (docs/training.md).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcli import io
 from mmcli.data.batches import to_device
 from mmcli.distributed import World, all_reduce_mean, barrier
 from mmcli.errors import MmcliError
 from mmcli.spec import TrainSpec
 from mmcli.training import checkpoint as ckpt
+from mmcli.training.run_log import RunLog
 from mmcli.training.tasks import TrainingTask
 
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
@@ -90,7 +92,37 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     last_validation: dict[str, Any] = field(default_factory=dict)
     samples_per_s: float = 0.0
+    """:class:`Throughput`'s rate over this call's steps (the last figure of the progress bar)."""
+    train_seconds: float = 0.0
+    """Seconds this call spent in training steps (waiting for data included; validation and
+    checkpoints not)."""
     skipped: int = 0
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each named loss in ``loss`` (the task's :meth:`~TrainingTask.loss_weights`)."""
+
+
+@dataclass
+class Throughput:
+    """samples/s, defined once: samples trained ÷ wall seconds of the training steps, from waiting
+    for the step's batches to the end of its optimizer step, summed over the steps of this call of
+    :func:`train` (a resumed run starts again). Validation, checkpoints, logging and drawing are
+    left out; the first steps' warm-up is not (it is part of a run's wall time too). Under DDP the
+    samples are those of every rank. The progress bar, each train line of ``metrics.jsonl`` and
+    the summary all show this one figure (it replaced three: a step's rate on the bar, the logged
+    step's in the file and a harmonic mean of steps in the summary, which disagreed)."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, samples: int, seconds: float) -> None:
+        """Count one step."""
+        self.samples += samples
+        self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        """Samples per second so far (0 before the first step)."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
 class StopWaiting(BaseException):
@@ -191,8 +223,17 @@ def train(
         run_dir=Path(run_dir),
         meta=meta,
         validate=validate,
+        log=RunLog(
+            Path(run_dir),
+            enabled=world.is_main,
+            tensorboard=spec.tensorboard,
+            resumed_at=state.step if resume is not None else None,
+        ),
     )
-    return loop.run(state, loaders, total, batches_per_epoch, progress_label)
+    try:
+        return loop.run(state, loaders, total, batches_per_epoch, progress_label)
+    finally:
+        loop.log.close()
 
 
 def total_steps(spec: TrainSpec, batches_per_epoch: int) -> int:
@@ -224,7 +265,10 @@ class _Loop:
     run_dir: Path
     meta: dict[str, Any]
     validate: Callable[[nn.Module], dict[str, Any]] | None
+    log: RunLog
     last_val: dict[str, Any] = field(default_factory=dict)
+    bar: Any = None
+    val_row: Any = None
 
     def __post_init__(self) -> None:
         self.device = self.world.device
@@ -280,29 +324,43 @@ class _Loop:
         barrier(self.world)
 
     def run_validation(self, state: Progress) -> None:
+        """Validate (main rank), log the line and redraw ``curves.png``; a row of the progress
+        bar shows that it runs and then what it scored."""
         if self.validate is None:
             return
         if self.world.is_main:
             self.runner.eval()
+            row = self.validation_row(state.step)
             with torch.no_grad(), autocast_context(self.spec.precision, self.device):
                 self.last_val = {"step": state.step, "kind": "val", **self.validate(self.model)}
-            io.append_jsonl(self.run_dir / io.METRICS, self.last_val)
+            self.bar.update(row, total=1, completed=1, info=validation_info(self.last_val))
+            self.log.write(self.last_val)
+            self.log.draw()
         barrier(self.world)
 
-    def log(self, state: Progress, sums: dict[str, float], rate: float) -> dict[str, Any]:
+    def validation_row(self, step: int) -> Any:
+        """A new row of the progress bar (pulsing: validators do not count their batches) in
+        place of the previous validation's."""
+        if self.val_row is not None:
+            self.bar.remove_task(self.val_row)
+        self.val_row = self.bar.add_task("validate", total=None, info=f"step {step}")
+        return self.val_row
+
+    def write_train_line(self, state: Progress, sums: dict[str, float], clock: Throughput) -> dict[str, Any]:
+        """Log a train line of ``metrics.jsonl`` (losses averaged over the ranks)."""
         record = {
             "step": state.step,
             "kind": "train",
             "epoch": state.epoch,
             **{k: round(all_reduce_mean(v, self.world), 6) for k, v in sums.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": round(rate, 2),
+            "samples_per_s": round(clock.rate, 2),
+            "train_seconds": round(clock.seconds, 6),
             "samples": state.samples,
             "skipped": state.skipped,
             **self.task.log_values(),
         }
-        if self.world.is_main:
-            io.append_jsonl(self.run_dir / io.METRICS, record)
+        self.log.write(record)
         return record
 
     def stop_agreed(self, flag: StopFlag) -> bool:
@@ -312,11 +370,12 @@ class _Loop:
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self, state: Progress, loaders: LoaderFactory, total: int, per_epoch: int, label: str) -> TrainResult:
         spec = self.spec
-        bar = _progress_bar(self.world.is_main)
-        task_id = bar.add_task(label, total=total, completed=state.step, loss=float("nan"), lr=0.0, rate=0.0)
+        bar = self.bar = _progress_bar(self.world.is_main)
+        task_id = bar.add_task(label, total=total, completed=state.step, info="")
         last: dict[str, Any] = {}
+        sums: dict[str, float] = {}
         interrupted = False
-        rates: list[float] = []
+        clock = Throughput()
         # Under DDP every rank must stop at the same step, so there a signal waits for the step's end.
         with bar, StopFlag(interrupt_waits=not self.world.distributed) as flag:
             batches = _epoch_batches(loaders, state)
@@ -327,6 +386,8 @@ class _Loop:
                     micro = self.fetch(batches, flag)
                 except StopWaiting:
                     state.epoch, state.batch_in_epoch = position  # the next run reads these batches again
+                    if sums and last.get("step") != state.step:  # the summary shows the bar's last loss
+                        last = self.write_train_line(state, sums, clock)
                     if state.step > 0:  # before the first step there is nothing to save
                         self.save(state, flag)
                     interrupted = True
@@ -336,14 +397,16 @@ class _Loop:
                 state.step += 1
                 state.samples += n
                 state.skipped += int(all_reduce_mean(sum(int(b.get("skipped", 0)) for b in micro), self.world))
-                rate = n / max(time.perf_counter() - t0, 1e-9)
-                rates.append(rate)
-                bar.update(task_id, advance=1, loss=sums["loss"], lr=self.optimizer.param_groups[0]["lr"], rate=rate)
+                clock.add(n, time.perf_counter() - t0)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.update(task_id, advance=1, info=train_info(sums["loss"], lr, clock.rate))
                 if state.step % spec.log_every == 0 or state.step == total:
-                    last = self.log(state, sums, rate)
+                    last = self.write_train_line(state, sums, clock)
                 if spec.val_every and state.step % spec.val_every == 0 and state.step < total:
                     self.run_validation(state)
                 stop = self.stop_agreed(flag)
+                if stop and last.get("step") != state.step:  # the summary shows the bar's last loss
+                    last = self.write_train_line(state, sums, clock)
                 if stop or (spec.save_every and state.step % spec.save_every == 0 and state.step < total):
                     self.save(state, flag)
                 if stop:
@@ -352,15 +415,17 @@ class _Loop:
             if not interrupted:
                 self.run_validation(state)
                 self.save(state, flag)
-        # Steady-state throughput: the first steps pay for warm-up (allocations, worker start).
-        steady = rates[len(rates) // 5 :] or rates
+            if interrupted or self.validate is None:  # else the last validation has just drawn it
+                self.log.draw()
         return TrainResult(
             steps=state.step,
             interrupted=interrupted,
             last_metrics=last,
             last_validation=self.last_val,
-            samples_per_s=len(steady) / sum(1 / r for r in steady) if steady else 0.0,
+            samples_per_s=clock.rate,
+            train_seconds=clock.seconds,
             skipped=state.skipped,
+            loss_weights=dict(self.weights),
         )
 
     def fetch(self, batches: Iterator[dict], flag: StopFlag) -> list[dict]:
@@ -395,6 +460,20 @@ def _epoch_batches(loaders: LoaderFactory, state: Progress):
         state.batch_in_epoch = 0
 
 
+def train_info(loss: float, lr: float, rate: float) -> str:
+    """The training row's figures: the step's weighted loss, the learning rate, :class:`Throughput`."""
+    return f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} samples/s"
+
+
+def validation_info(record: dict[str, Any]) -> str:
+    """The validation row's figures once it has run: each score to four decimals."""
+    return f"step {record['step']}  " + "  ".join(
+        f"{k} {v:.4f}"
+        for k, v in record.items()
+        if k not in ("step", "kind") and isinstance(v, float) and not k.startswith("chance")
+    )
+
+
 def _progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -404,10 +483,8 @@ def _progress_bar(enabled: bool):
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("lr {task.fields[lr]:.2e}"),
-        TextColumn("{task.fields[rate]:.0f} samples/s"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(elapsed_when_finished=True),
         console=Console(stderr=True),
         disable=not enabled,
         transient=False,

@@ -14,7 +14,8 @@ from mmcli.commands.embed import run as embed
 from mmcli.commands.evaluate import run as evaluate
 from mmcli.commands.retrieve import run as retrieve
 from mmcli.errors import MmcliError
-from mmcli.evaluation.image_text import class_index, read_labelled, stratified_split
+from mmcli.evaluation.image_text import class_index, read_labelled
+from mmcli.evaluation.metrics import stratified_split
 from mmcli.spec import LabelledSourceSpec
 
 CLASSES = ["blue square", "green triangle", "red circle"]
@@ -146,9 +147,19 @@ def test_shapes_pretrain_embed_retrieve_eval(trained_run, shapes_dir, tmp_path):
         assert by_task["zeroshot_retrieval"][f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
 
     lp = by_task["linear_probe"]
-    assert set(lp) == {"lp_acc1_1shot", "lp_acc1", "n_train", "n_test", "n_classes"}
+    figures = {
+        f"{name}{suffix}"
+        for name in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "lp_C")
+        for suffix in ("", "_1shot")
+    }
+    assert set(lp) == figures | {"n_train", "n_test", "n_classes"}
     assert (lp["n_train"], lp["n_test"], lp["n_classes"]) == (24, 24, 24)  # two per class: one held out
-    assert all(0 <= lp[k] <= 1 for k in ("lp_acc1_1shot", "lp_acc1"))
+    assert all(0 <= lp[k] <= 1 for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"))
+    assert lp["lp_C"] == 1.0  # one training image per class: nothing to validate C on, scikit-learn's default
+    assert lp["lp_acc1_1shot"] is None  # the 1-shot sample is the whole training set: marked, not repeated
+    assert any(
+        n.startswith("linear probe lp_acc1_1shot: = lp_acc1 (every class has at most 1") for n in result["notes"]
+    )
 
 
 def test_eval_from_flags_reports_top5_unavailable_under_five_classes(trained_run, class_tree, tmp_path):
@@ -260,7 +271,26 @@ def test_linear_probe_marks_a_k_shot_row_that_is_not_k_shot(nano_run, class_tree
     probe = {"train": {"path": str(class_tree)}, "shots": [1, 2, None]}
     metrics, notes = _run_eval(tmp_path, nano_run, linear_probe=probe)
     lp = metrics["linear_probe"]
-    assert lp["lp_acc1_2shot"] is None and lp["lp_acc1_1shot"] is not None and lp["lp_acc1"] is not None
+    assert lp["lp_acc1_2shot"] is None and lp["lp_acc1_1shot"] is None and lp["lp_acc1"] is not None
+    # every class has one training image: the 1- and 2-shot samples are the full training set
+    assert any(n.startswith("linear probe lp_acc1_2shot: = lp_acc1 (every class has at most 2") for n in notes)
+    assert any(n.startswith("linear probe lp_acc1_1shot: = lp_acc1 (every class has at most 1") for n in notes)
+
+
+def test_linear_probe_does_not_report_a_k_shot_row_with_a_short_class(nano_run, class_tree, tmp_path):
+    # Two extra images of one class: it has 3 training images, the others 1 — no 2-shot probe exists.
+    extra = tmp_path / "train"
+    for folder in class_tree.rglob("*"):
+        if folder.is_file():
+            target = extra / folder.relative_to(class_tree)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(folder.read_bytes())
+    image = next((extra / "blue square").glob("*.png"))
+    for copy in ("copy1.png", "copy2.png"):
+        (extra / "blue square" / copy).write_bytes(image.read_bytes())
+    probe = {"train": {"path": str(extra)}, "shots": [2, None], "test_fraction": 0.3}
+    metrics, notes = _run_eval(tmp_path, nano_run, linear_probe=probe)
+    assert metrics["linear_probe"]["lp_acc1_2shot"] is None
     assert any(n.startswith("linear probe lp_acc1_2shot: not scored (needs 2 training images per class") for n in notes)
 
 

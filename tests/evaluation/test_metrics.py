@@ -112,6 +112,10 @@ def test_plot_confusion_writes_a_png_that_grows_with_the_classes(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def _acc1(rows: dict) -> dict:
+    return {k: None if row is None else row.acc1 for k, row in rows.items()}
+
+
 def test_sample_shots_takes_k_per_class_nested_and_seeded():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     two = m.sample_shots(labels, 2, seed=3)
@@ -129,7 +133,7 @@ def test_linear_probe_is_perfect_on_separable_clusters():
     train_x = centres[train_y] + rng.standard_normal((60, 3))
     test_x = centres[test_y] + rng.standard_normal((30, 3))
     got = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=3, shots=[1, 4, None], seed=0)
-    assert got == {1: 1.0, 4: 1.0, None: 1.0}
+    assert _acc1(got) == {1: 1.0, 4: 1.0, None: 1.0}
 
 
 def test_linear_probe_on_a_known_answer():
@@ -137,7 +141,7 @@ def test_linear_probe_on_a_known_answer():
     # points -2 → 0 and +2 → 1 are right; -3 labelled 1 and +3 labelled 0 are wrong → 0.5.
     train_x, train_y = np.array([[-1.0], [-1.0], [1.0], [1.0]]), np.array([0, 0, 1, 1])
     test_x, test_y = np.array([[-2.0], [2.0], [-3.0], [3.0]]), np.array([0, 1, 1, 0])
-    assert m.linear_probe(train_x, train_y, test_x, test_y, n_classes=2, shots=[None]) == {None: 0.5}
+    assert _acc1(m.linear_probe(train_x, train_y, test_x, test_y, n_classes=2, shots=[None])) == {None: 0.5}
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +244,73 @@ def test_a_k_shot_row_with_a_short_class_is_not_reported_as_k_shot(no_warnings):
     train_x, train_y = np.array([[-1.0], [-1.1], [-0.9], [1.0]]), np.array([0, 0, 0, 1])
     test_x, test_y = np.array([[-2.0], [2.0]]), np.array([0, 1])
     got = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=2, shots=[1, 2, None])
-    assert got == {1: 1.0, 2: None, None: 1.0}  # class 1 has one example: there is no 2-shot probe
+    assert _acc1(got) == {1: 1.0, 2: None, None: 1.0}  # class 1 has one example: there is no 2-shot probe
     assert m.short_classes(train_y, 2, 2) == {1: 1} and m.short_classes(train_y, 3, None) == {2: 0}
     # a class asked for with no training example at all: no row is a probe of all classes
     assert m.linear_probe(train_x, train_y, test_x, test_y, n_classes=3, shots=[1, None]) == {1: None, None: None}
+
+
+def _overlapping_classes(n_classes: int = 8, dim: int = 10, per_class: int = 30, seed: int = 0):
+    """Gaussian classes whose centres are about as far apart as their spread: no C is perfect."""
+    rng = np.random.default_rng(seed)
+    centres = 0.7 * rng.standard_normal((n_classes, dim))
+    train_y = np.repeat(np.arange(n_classes), per_class)
+    test_y = rng.integers(n_classes, size=400)
+    noise = rng.standard_normal((len(train_y) + len(test_y), dim))
+    train_x = (centres[train_y] + noise[: len(train_y)]).astype(np.float32)
+    test_x = (centres[test_y] + noise[len(train_y) :]).astype(np.float32)
+    return train_x, train_y, test_x, test_y
+
+
+def _standardised(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train_x.mean(0), np.maximum(train_x.std(0), 1e-6)  # all training features, as the probe
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
+def test_linear_probe_equals_scikit_learn_called_directly_with_the_chosen_c():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+    train_x, train_y, test_x, test_y = _overlapping_classes()
+    rows = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=8, shots=[4, None], seed=1)
+    x, tx = _standardised(train_x, test_x)
+    for k, row in rows.items():
+        chosen = m.sample_shots(train_y, k, seed=1)
+        ref = LogisticRegression(C=row.c, max_iter=1000).fit(x[chosen], train_y[chosen])
+        pred = ref.predict(tx)
+        assert row.acc1 == np.mean(pred == test_y)
+        assert row.acc5 == pytest.approx(top_k_accuracy_score(test_y, ref.predict_proba(tx), k=5))
+        assert row.mean_per_class_recall == pytest.approx(balanced_accuracy_score(test_y, pred))
+    assert 0.3 < rows[None].acc1 < 0.95 and rows[4].acc1 < rows[None].acc1  # overlapping, and more data helps
+
+
+def test_linear_probe_chooses_the_c_of_the_best_validation_accuracy():
+    from sklearn.linear_model import LogisticRegression
+
+    train_x, train_y, test_x, test_y = _overlapping_classes(per_class=20, seed=3)
+    row = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=8, shots=[None], seed=2)[None]
+    x, _ = _standardised(train_x, test_x)
+    fit, val = m.stratified_split(train_y, m.VALIDATION_FRACTION, seed=2)  # the sample is all of train
+    assert np.bincount(train_y[val]).tolist() == [4] * 8  # a fifth of each class
+    accs = []
+    for c in m.C_GRID:
+        probe = LogisticRegression(C=c, max_iter=1000).fit(x[fit], train_y[fit])
+        accs.append(np.mean(probe.predict(x[val]) == train_y[val]))
+    assert len(set(accs)) > 1  # the sweep matters on this problem
+    best = max(accs)
+    assert row.val_acc1 == best
+    tied = [c for c, a in zip(m.C_GRID, accs) if a == best]
+    assert row.c == min(tied, key=lambda c: abs(np.log10(c)))  # ties: the C nearest 1 (scikit-learn's default)
+
+
+def test_a_k_shot_row_that_would_repeat_the_full_row_is_not_fitted(no_warnings):
+    train_x, train_y, test_x, test_y = _overlapping_classes(n_classes=3, per_class=3)
+    assert m.k_shot_is_full(train_y, 3) and not m.k_shot_is_full(train_y, 2)
+    got = m.linear_probe(train_x, train_y, test_x, test_y, n_classes=3, shots=[1, 2, 3, 5, None])
+    assert [k for k, row in got.items() if row is None] == [3, 5]  # every class has 3: 3- and 5-shot = full
+    one_each = np.array([0, 1, 2])
+    got = m.linear_probe(train_x[:3], one_each, test_x, test_y, n_classes=3, shots=[1, None])
+    assert got[1] is None and got[None].c == m.DEFAULT_C and got[None].val_acc1 is None  # nothing to validate on
 
 
 def test_answer_accuracy_of_nothing_is_none():

@@ -48,8 +48,8 @@ def brute_force(index_path: str, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 def test_text_queries_equal_numpy_brute_force(image_index, nano_run, tmp_path):
     texts = ["a red circle", "a blue square left of a green triangle"]
-    (tmp_path / "q.txt").write_text("\n".join(texts[1:]) + "\n")
-    result = retrieve(texts[0], index_path=image_index, k=7, queries_file=str(tmp_path / "q.txt"))
+    (tmp_path / "q.txt").write_text("\n".join(texts) + "\n")
+    result = retrieve(None, index_path=image_index, k=7, queries_file=str(tmp_path / "q.txt"))
     scores, ids = brute_force(image_index, text_embedding(nano_run, texts), 7)
     items = ix.open_index(image_index).items
     for n, query in enumerate(result["queries"]):
@@ -259,3 +259,20 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"mmcli: error: index file not found: {tmp_path / 'none.npy'}"]
+
+
+def test_a_query_that_names_a_missing_image_is_an_error_not_a_text(tmp_path):
+    from mmcli.retrieval.query import is_image_query
+
+    photo = tmp_path / "cat.JPG"
+    photo.write_bytes(b"")
+    assert is_image_query(str(photo))
+    assert not is_image_query("a photo of cat.jpg") and not is_image_query("a red circle")
+    for query in ("cat.jpg", str(tmp_path / "cta.jpg"), "my photos/cat.png"):
+        with pytest.raises(MmcliError) as err:
+            is_image_query(query)
+        name = query.rsplit("/", 1)[-1]
+        assert str(err.value) == (
+            f"{query}: no such image file (a query ending in an image suffix is read as a path; "
+            f"words around it, e.g. 'a photo of {name}', make it a text)"
+        )

@@ -256,3 +256,36 @@ def test_modest_anchors_and_merge_keys_still_work(tmp_path):
 def test_recursive_alias_is_refused(tmp_path):
     with pytest.raises(MmcliError, match="recursive alias"):
         load_spec(_write(tmp_path, BASE + "model:\n  config: &c {a: *c}\n"), PretrainSpec)
+
+
+# --------------------------------------------------------------------------------------------
+# a spec given to the wrong command is named by its kind
+# --------------------------------------------------------------------------------------------
+
+KIND_OF_EXAMPLE = {"pretrain": "pretrain", "fuse": "fuse", "eval": "eval"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+@pytest.mark.parametrize("command", ["pretrain", "fuse", "eval"])
+def test_every_example_given_to_another_command_is_named_by_its_kind(path, command):
+    from mmcli.spec import kind_of, load_spec_of_kind, read_yaml
+
+    kind = KIND_OF_EXAMPLE[path.name.split("-")[0].split(".")[0]]
+    if command == kind:
+        assert kind_of(read_yaml(path), command) is None
+        assert load_spec_of_kind(path, command) is not None
+    else:
+        with pytest.raises(MmcliError) as err:
+            load_spec_of_kind(path, command)
+        article = "an" if kind == "eval" else "a"
+        assert str(err.value) == f"{path} is {article} {kind} spec: run it with mmcli {kind}"
+
+
+def test_a_misspelt_top_level_key_is_not_taken_for_another_kind(tmp_path):
+    from mmcli.spec import load_spec_of_kind
+
+    with pytest.raises(MmcliError, match=r"s.yaml: objectivs: unknown key$"):
+        load_spec_of_kind(_write(tmp_path, BASE + "objectivs:\n  clip: {}\n"), "pretrain")
+    # keys of two kinds at once (base is fuse's, objectives pretrain's only): no kind is guessed
+    with pytest.raises(MmcliError, match=r"s.yaml: base: unknown key$"):
+        load_spec_of_kind(_write(tmp_path, BASE + "base: runs/x\nobjectives:\n  clip: {}\n"), "pretrain")

@@ -80,10 +80,19 @@ def test_pretrain_learns_and_loads_in_open_clip(tmp_path, shapes_dir):
     rows = [m for m in _metrics(run_dir) if m["kind"] == "train"]
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.3, (first, last)  # it learns, not just runs
+    # curves.png is the picture of metrics.jsonl: its loss series are the lines' values
+    from mmcli.viz.curves import curve_series
+
+    assert curve_series(_metrics(run_dir))["loss"]["train loss"] == (
+        [r["step"] for r in rows],
+        [r["loss"] for r in rows],
+    )
+    assert result["samples_per_s"] == pytest.approx(rows[-1]["samples_per_s"], abs=0.06)  # one definition
     val = result["val"]
     # Held-out pairs: a model that learned nothing scores log(N), the loss of uniform guessing.
     assert val["val_loss"] < math.log(val["val_pairs"]) - 0.5, val
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        "curves.png",
         "metrics.jsonl",
         "mmcli.json",
         "open_clip_config.json",
