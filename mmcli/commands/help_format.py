@@ -49,24 +49,22 @@ def label(param: Any) -> None:
         param.metavar = "" if param.is_flag else _TYPE_METAVARS.get(_value_type(param), "VALUE")
 
 
-class HelpCommand(TyperCommand):
+class _Labelled:
+    """Labels every parameter as the command lists them (for its help or its usage line)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            label(param)
+        return params
+
+
+class HelpCommand(_Labelled, TyperCommand):
     """A Typer command whose help shows metavars (see the module docstring)."""
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            label(param)
-        return params
 
-
-class HelpGroup(TyperGroup):
+class HelpGroup(_Labelled, TyperGroup):
     """A Typer group whose own options (``--device``, ``--help``) show metavars."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            label(param)
-        return params
 
 
 class App(typer.Typer):

@@ -100,8 +100,8 @@ class _Silent:
 class Embedder:
     """Image and text embeddings of one loaded model, with the skipped images collected.
 
-    Embeds as :func:`mmcli.retrieval.embedding.embed_images` and ``embed_texts`` do (the same
-    loader, autocast and renormalisation), batch by batch, so that ``progress`` sees each batch.
+    Embeds with :func:`mmcli.retrieval.embedding.embed_images` and ``embed_texts``, which tell
+    ``progress`` of each batch.
     """
 
     def __init__(self, loaded, *, device, batch_size: int, workers: int, progress: EmbedProgress | None = None):
@@ -111,35 +111,28 @@ class Embedder:
 
     def images(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings of the usable images, mask of the usable ones)``."""
-        from mmcli.retrieval.embedding import ImageItems, Item, draft_size, encode_image_batches, image_loader
+        from mmcli.retrieval.embedding import embed_images
 
-        preprocess = self.loaded.preprocess
-        dataset = ImageItems([Item(str(i), p) for i, p in enumerate(paths)], preprocess, draft=draft_size(preprocess))
-        loader = image_loader(dataset, batch_size=self.batch_size, workers=self.workers)
-        rows, ok = [], np.zeros(len(paths), dtype=bool)
         self.progress.start("embedding images", len(paths))
-        for keys, emb, failed in encode_image_batches(self.loaded.model, loader, self.device):
-            if keys:
-                rows.append(emb)
-                ok[[int(k) for k in keys]] = True
-            self.skipped += [(paths[int(k)], reason) for k, reason in failed]
-            self.progress.advance(len(keys) + len(failed))
-        dim = rows[0].shape[1] if rows else self.loaded.model.clip.visual.output_dim
-        return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), ok
+        emb, ok, bad = embed_images(
+            self.loaded,
+            paths,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            device=self.device,
+            on_batch=self.progress.advance,
+        )
+        self.skipped += bad
+        return emb, ok
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """Text embeddings, in order."""
-        from mmcli.retrieval.embedding import Item, encode_text_batches
+        from mmcli.retrieval.embedding import embed_texts
 
-        items = [Item(str(i), t) for i, t in enumerate(texts)]
         self.progress.start("embedding texts", len(texts))
-        rows = []
-        for keys, emb, _ in encode_text_batches(
-            self.loaded.model, self.loaded.tokenizer, items, batch_size=self.batch_size, device=self.device
-        ):
-            rows.append(emb)
-            self.progress.advance(len(keys))
-        return np.concatenate(rows)
+        return embed_texts(
+            self.loaded, texts, batch_size=self.batch_size, device=self.device, on_batch=self.progress.advance
+        )
 
 
 def zero_shot(

@@ -441,11 +441,19 @@ def embed_image_file(
 
 
 def embed_images(
-    loaded, paths: list[str], *, batch_size: int, workers: int, device: torch.device, draft: bool = True
+    loaded,
+    paths: list[str],
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    draft: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Embed the image files ``paths`` in memory: ``(embeddings [n_ok, D], ok mask [n], bad)``.
 
-    Used by ``mmcli eval``; ``bad`` lists ``(path, reason)`` of the images left out.
+    Used by ``mmcli eval``; ``bad`` lists ``(path, reason)`` of the images left out; ``on_batch``
+    is told how many paths each batch settled (embedded or left out), for a progress bar.
     """
     items = [Item(str(i), p) for i, p in enumerate(paths)]
     dataset = ImageItems(items, loaded.preprocess, draft=draft_size(loaded.preprocess) if draft else None)
@@ -457,17 +465,22 @@ def embed_images(
             rows.append(emb)
             ok[[int(k) for k in keys]] = True
         bad += [(paths[int(k)], reason) for k, reason in failed]
+        if on_batch is not None:
+            on_batch(len(keys) + len(failed))
     dim = rows[0].shape[1] if rows else loaded.model.clip.visual.output_dim
     return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), ok, bad
 
 
-def embed_texts(loaded, texts: list[str], *, batch_size: int, device: torch.device) -> np.ndarray:
-    """Embed ``texts`` in memory: float32 [n, D], L2-normalised."""
+def embed_texts(
+    loaded, texts: list[str], *, batch_size: int, device: torch.device, on_batch: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """Embed ``texts`` in memory: float32 [n, D], L2-normalised (``on_batch``: as for images)."""
     items = [Item(str(i), t) for i, t in enumerate(texts)]
-    rows = [
-        emb
-        for _, emb, _ in encode_text_batches(
-            loaded.model, loaded.tokenizer, items, batch_size=batch_size, device=device
-        )
-    ]
+    rows = []
+    for keys, emb, _ in encode_text_batches(
+        loaded.model, loaded.tokenizer, items, batch_size=batch_size, device=device
+    ):
+        rows.append(emb)
+        if on_batch is not None:
+            on_batch(len(keys))
     return np.concatenate(rows)
