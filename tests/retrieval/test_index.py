@@ -421,6 +421,67 @@ def test_float16_index_is_scored_in_float32(tmp_path):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
 
+def test_rough_float16_scores_stay_within_the_margin_the_filter_assumes():
+    from mmcli.retrieval.index import search
+
+    q = unit_rows(1, 512, seed=1)
+    rows = q + unit_rows(20_000, 512)  # scores near 0.7: a query's neighbours, where errors are largest
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+    exact = (q @ rows.astype(np.float32).T)[0]
+    assert np.abs(search._rough_scores(q, rows)[0] - exact).max() <= search._ROUGH_MARGIN / 2
+    # The bound needs torch to sum in float32: a running sum kept in float16 drifts past it.
+    running, q16 = np.zeros(len(rows), np.float16), q[0].astype(np.float16)
+    for d in range(512):
+        running = (running + rows[:, d] * q16[d]).astype(np.float16)
+    assert np.abs(running.astype(np.float32) - exact).max() > search._ROUGH_MARGIN / 2
+
+
+def test_any_rough_error_within_the_bound_leaves_the_answer_exact(tmp_path, monkeypatch):
+    # The worst case the bound allows: every true top-10 row's rough score just under half the
+    # margin too low, every other row's just under half too high.
+    from mmcli.retrieval.index import search
+
+    rows = clustered_rows(3_000, 64).astype(np.float16)
+    queries = rows[[5, 500, 2_500]].astype(np.float32)
+    exact = queries @ rows.astype(np.float32).T
+    top = brute_force(rows, queries, 10)[1]
+    skew = np.full_like(exact, 0.49 * 2.0**-8)
+    np.put_along_axis(skew, top, -0.49 * 2.0**-8, axis=1)
+    tenth = np.take_along_axis(exact, top[:, -1:], axis=1)
+    assert ((exact < tenth) & (exact > tenth - 0.98 * 2.0**-8)).any()  # rows the skew lifts past a true hit
+    monkeypatch.setattr(search, "_rough_scores", lambda q, block: q @ block.astype(np.float32).T + skew)
+    path = write_index(tmp_path / "emb.npy", rows, dtype="float16")
+    _, ids = ix.search_exact(ix.open_index(path), queries, 10, chunk_rows=100_000)
+    np.testing.assert_array_equal(ids, top)
+
+
+def test_rows_that_tie_in_float16_are_ranked_by_their_float32_scores(tmp_path):
+    # 40 rows within 1e-4 of each other in score: their float16 scores tie in blocks of ~5e-4, so
+    # only the exact re-scoring can order them; the answer must be brute force's, ties to lower ids.
+    base = unit_rows(1, 512)[0]
+    nudge = unit_rows(40, 512, seed=2) * 0.01
+    near = base + nudge
+    rows = np.concatenate([unit_rows(200, 512, seed=3), near / np.linalg.norm(near, axis=1, keepdims=True)])
+    rows = np.concatenate([rows, rows[-3:]]).astype(np.float16)  # exact duplicates tie in float32 too
+    path = write_index(tmp_path / "emb.npy", rows, dtype="float16")
+    scores, ids = ix.search_exact(ix.open_index(path), base[None], 12, chunk_rows=64)
+    ref_scores, ref_ids = brute_force(rows, base[None], 12)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    rough = np.sort((rows.astype(np.float32) @ base).astype(np.float16))[::-1]
+    assert len(set(rough[:12])) < 12  # the rough scores really do tie
+
+
+def test_a_block_of_near_ties_is_scored_whole(tmp_path, monkeypatch):
+    from mmcli.retrieval.index import search
+
+    monkeypatch.setattr(search, "_MAX_CANDIDATES", 5)
+    rows = np.tile(unit_rows(1, 16), (30, 1)).astype(np.float16)  # every row ties
+    path = write_index(tmp_path / "emb.npy", rows, dtype="float16")
+    _, ids = ix.search_exact(ix.open_index(path), unit_rows(2, 16, seed=1), 4, chunk_rows=10)
+    np.testing.assert_array_equal(ids, [[0, 1, 2, 3]] * 2)
+
+
 def test_no_queries_give_empty_results():
     scores, ids = ix.search_exact(unit_rows(3, 8), np.zeros((0, 8), np.float32), 2)
     assert scores.shape == ids.shape == (0, 2)
