@@ -5,7 +5,8 @@ For each row count N (``--rows``), in one run:
 1. N × 512 clustered unit vectors written as a float16 mmcli index (``emb.npy`` + sidecar, made
    block by block: ~10 GB at 10M), and 1,000 held-out queries from the same distribution.
 2. The exact top-10 of every query (``mmcli``'s blockwise exact search): the ground truth.
-3. ``mmcli index build emb.npy --max-memory BUDGET`` and autofaiss's ``build_index`` with
+3. ``mmcli index build emb.npy --max-memory BUDGET`` (its default plan, and ``--kind hnsw`` as
+   ``mmcli-hnsw``: a graph over the most precise vectors that fit) and autofaiss's ``build_index`` with
    ``max_index_memory_usage=BUDGET`` (and ``current_memory_available`` twice that: autofaiss
    refuses to build with no room beside the index), each in its own process: build time, peak RSS
    of that process (``wait4``), index file size.
@@ -38,7 +39,8 @@ from mmcli.retrieval import index as ix
 from mmcli.retrieval.index_plan import parse_memory
 
 DIM, LATENT, CLUSTERS, QUERIES, K = 512, 32, 20_000, 1000, 10
-TOOLS = ("mmcli", "autofaiss")
+TOOLS = ("mmcli", "mmcli-hnsw", "autofaiss")
+KINDS = {"mmcli": "auto", "mmcli-hnsw": "hnsw"}  # mmcli's two builds: its default plan, and a graph by name
 META = {"model": {"ref": "synthetic", "arch": "none", "checksum": "none"}, "modality": "image"}
 
 
@@ -121,23 +123,23 @@ build_index(embeddings=folder, index_path=index_path, index_infos_path=infos, me
 
 def build_both(path: str, folder: Path, args) -> dict:
     figures = {}
-    mine = folder / "mmcli-build.json"
-    if "mmcli" in args.tools:
+    for tool in (t for t in KINDS if t in args.tools):
+        source = tool_index(path, tool)
+        mine = Path(source).parent / "mmcli-build.json"
         if args.reuse_mmcli and mine.exists():  # the saved FAISS file is still fresh: load_or_build_faiss checks
-            figures["mmcli"] = json.loads(mine.read_text())
-        else:
-            seconds, peak, out = run_measured(
-                [sys.executable, "-m", "mmcli", "index", "build", path, "--max-memory", args.budget, "--json"]
-            )
-            built = json.loads(out)
-            figures["mmcli"] = {
-                "build_s": seconds,
-                "peak_rss": peak,
-                "bytes": built["file_bytes"],
-                "file": built["faiss"],
-                "params": built["params"],
-            }
-            mine.write_text(json.dumps(figures["mmcli"]))
+            figures[tool] = json.loads(mine.read_text())
+            continue
+        cmd = [sys.executable, "-m", "mmcli", "index", "build", source, "--max-memory", args.budget, "--json"]
+        seconds, peak, out = run_measured(cmd + ["--kind", KINDS[tool]])
+        built = json.loads(out)
+        figures[tool] = {
+            "build_s": seconds,
+            "peak_rss": peak,
+            "bytes": built["file_bytes"],
+            "file": built["faiss"],
+            "params": built["params"],
+        }
+        mine.write_text(json.dumps(figures[tool]))
     cached = folder / "autofaiss-build.json"  # autofaiss's build is reused: mmcli's is what changes
     if "autofaiss" not in args.tools:
         return figures
@@ -168,15 +170,29 @@ def build_both(path: str, folder: Path, args) -> dict:
     return figures
 
 
+def tool_index(path: str, tool: str) -> str:
+    """Where ``tool`` builds: the index itself, or for a second mmcli kind the same files linked into a
+    folder of its own (an index has one FAISS file beside it)."""
+    if tool == "mmcli":
+        return path
+    folder = Path(path).parent / tool
+    folder.mkdir(exist_ok=True)
+    for name in (Path(path).name, Path(path).name + ".json"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(Path(path).with_name(name).resolve())
+    return str(folder / Path(path).name)
+
+
 def search_figures(figures: dict, path: str, queries: np.ndarray, truth: np.ndarray, sweep: list[int]) -> None:
     import faiss
 
     from mmcli.retrieval import faiss_index as ann
 
     tools = []
-    if "mmcli" in figures:
-        mine = ann.load_or_build_faiss(ix.open_index(path))
-        tools.append(("mmcli", lambda q: ann.search_faiss(mine, q, K)[1], mine.index))
+    for tool in (t for t in KINDS if t in figures):
+        mine = ann.load_or_build_faiss(ix.open_index(tool_index(path, tool)), kind=KINDS[tool])
+        assert not mine.built, f"{tool}'s saved index was not reused"
+        tools.append((tool, lambda q, mine=mine: ann.search_faiss(mine, q, K)[1], mine.index))
     if "autofaiss" in figures:
         theirs = faiss.read_index(figures["autofaiss"]["file"], faiss.IO_FLAG_MMAP)
         params = figures["autofaiss"]["params"].get("index_param")
@@ -222,7 +238,8 @@ def report(rows: int, figures: dict, budget: str) -> None:
     for name in figures:
         f = figures[name]
         params = f["params"].get("factory") or f["params"].get("index_key")
-        params = f"{params} {f['params'].get('nprobe') or f['params'].get('index_param', '')}"
+        search = {k: f["params"][k] for k in ("nprobe", "efSearch") if k in f["params"]}
+        params = f"{params} {' '.join(f'{k} {v}' for k, v in search.items()) or f['params'].get('index_param', '')}"
         print(
             f"{name:<10}{f['build_s']:9.0f}{f['peak_rss'] / gib:10.2f}{f['bytes'] / gib:11.3f}"
             f"{f['chosen']['recall_at_10']:11.3f}{f['chosen']['ms_per_query']:10.2f}  {params}"

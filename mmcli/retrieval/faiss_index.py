@@ -138,7 +138,7 @@ def build_faiss(
     if plan.on_disk:
         result = _build_on_disk(faiss, plan, index, fi, params, held_out, queries, exact_ids, path)
     else:
-        _add_rows(fi, index.embeddings, skip=held_out)
+        _add_rows(faiss, fi, index.embeddings, skip=held_out, later=queries if held_out.size else None)
         result = FaissIndex(fi, plan.kind, params, None, held_out, path, True, 0.0)
         result.rerank = index.embeddings if plan.rerank else None
         result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
@@ -278,11 +278,17 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
     dim = embeddings.shape[1]
     if plan.kind == "flat":
         return faiss.IndexFlatIP(dim), {}
-    if plan.kind == "hnsw":
-        fi = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        fi.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
-        return fi, {"M": HNSW_M, "efConstruction": _HNSW_EF_CONSTRUCTION}
     fi = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        fi.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+        if plan.train_rows:  # an 8-bit scalar quantizer learns each dimension's range
+            fi.train(_sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows)))
+        return fi, {
+            "M": HNSW_M,
+            "efConstruction": _HNSW_EF_CONSTRUCTION,
+            "factory": plan.factory,
+            "max_memory": plan.budget,
+        }
     ivf = faiss.extract_index_ivf(fi)
     ivf.cp.niter = _KMEANS_ITERATIONS
     codes = faiss.downcast_index(ivf)
@@ -291,14 +297,18 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
         # Hamming-distance filtering), which mmcli's search never uses: 45 s of a 20k-row build.
         codes.do_polysemous_training = False
     _set_quantizer_ef(faiss, ivf, _QUANTIZER_EF)  # rows assigned to a wrong list are found by no nprobe
-    rows = np.random.default_rng(1).choice(len(embeddings), size=plan.train_rows, replace=False)
-    sample = _sample_rows(embeddings, np.sort(rows))
+    sample = _sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows))
     fi.train(sample)
     del sample  # the budget's room for the sample is the codes' room next
     params = {"nlist": plan.nlist, "factory": plan.factory, "train_rows": plan.train_rows}
     if plan.kind == "ivfpq":
         params.update(m=plan.m, opq=plan.opq, rerank=RERANK_FACTOR, max_memory=plan.budget)
     return fi, params
+
+
+def _sample_ids(count: int, size: int) -> np.ndarray:
+    """A fixed random sample of ``size`` of ``count`` rows, sorted: what trains an index."""
+    return np.sort(np.random.default_rng(1).choice(count, size=size, replace=False))
 
 
 def _sample_rows(embeddings: Embeddings, rows: np.ndarray) -> np.ndarray:
@@ -325,10 +335,59 @@ def _held_out_rows(count: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, size=size, replace=False))
 
 
-def _add_rows(fi, embeddings: Embeddings, *, skip: np.ndarray) -> None:
-    """Add every row but ``skip`` to ``fi``, in row order."""
+def _add_rows(faiss, fi, embeddings: Embeddings, *, skip: np.ndarray, later: np.ndarray | None = None) -> None:
+    """Add every row but ``skip`` to ``fi``, in row order.
+
+    An IVF index's inverted lists grow by doubling (``std::vector``) when rows are added block by
+    block, so they can hold twice the codes' memory. Instead every row's list is found first (the
+    coarse quantizer, as FAISS's add would), each list is given room for exactly its rows (and
+    ``later``'s, added after tuning), and the codes are then added with those lists: the same
+    index, at the cost of reading the rows twice.
+    """
+    ivf = _in_memory_ivf(faiss, fi)
+    if ivf is None:
+        for block in _kept_blocks(embeddings, skip):
+            fi.add(block)
+        return
+    rotate = _pre_transform(faiss, fi)
+    lists = [
+        ivf.quantizer.assign(rotate(block), 1).ravel().astype(np.int32) for block in _kept_blocks(embeddings, skip)
+    ]
+    lists = np.concatenate(lists) if lists else np.zeros(0, np.int32)  # 4 bytes a row: the plan counts them
+    extra = ivf.quantizer.assign(rotate(later), 1).ravel() if later is not None and len(later) else lists[:0]
+    sizes = np.bincount(np.concatenate([lists, extra]), minlength=ivf.nlist)
+    for list_no in np.flatnonzero(sizes):
+        ivf.invlists.resize(int(list_no), int(sizes[list_no]))  # std::vector keeps the room on shrinking
+        ivf.invlists.resize(int(list_no), 0)
+    at = 0
     for block in _kept_blocks(embeddings, skip):
-        fi.add(block)
+        x, assigned = rotate(block), lists[at : at + len(block)].astype(np.int64)
+        ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assigned))
+        at += len(block)
+    fi.ntotal = ivf.ntotal  # an OPQ wrapper counts its rows apart from the IVF inside it
+
+
+def _in_memory_ivf(faiss, fi):
+    """The IVF index inside ``fi`` when its lists are FAISS's in-memory arrays, else None."""
+    try:
+        ivf = faiss.extract_index_ivf(fi)
+    except RuntimeError:  # flat, HNSW
+        return None
+    return ivf if isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists) else None
+
+
+def _pre_transform(faiss, fi):
+    """What ``fi`` does to rows before its IVF index sees them: an OPQ rotation, or nothing."""
+    if not isinstance(fi, faiss.IndexPreTransform):
+        return lambda x: x
+    chain = [fi.chain.at(i) for i in range(fi.chain.size())]
+
+    def rotate(x: np.ndarray) -> np.ndarray:
+        for transform in chain:
+            x = transform.apply(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    return rotate
 
 
 def _kept_blocks(embeddings: Embeddings, skip: np.ndarray):

@@ -14,8 +14,9 @@
   holds the centroids and codebooks, and while building one group of rows' codes at a time
   (:attr:`IndexPlan.shard_rows`).
 
-``hnsw`` is built only when asked for by name. Sizes are FAISS's own layouts: float32 vectors,
-8-byte ids per inverted-list entry, float32 centroids and codebooks.
+``hnsw`` is built only when asked for by name: a graph over float32 vectors while they fit beside its
+links, else float16 (``SQfp16``), else one byte a dimension (``SQ8``); never on disk. Sizes are FAISS's
+own layouts: float32 vectors, 8-byte ids per inverted-list entry, float32 centroids and codebooks.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 HNSW_M = 32
 HNSW_QUANTIZER_ROWS = 1_000_000
 """From this many rows the IVF coarse quantizer is an HNSW graph over the centroids."""
+LIST_NUMBER_BYTES = 4
+"""While an in-memory IVF index is built, every row's list number (int32) is held, so that each
+inverted list can be given its exact size before the codes are added (they would otherwise grow by
+doubling); the plan leaves room for them beside the index."""
 RERANK_FACTOR = 20
 """An IVF-PQ search fetches this many times k candidates and re-ranks them exactly."""
 
+_SQ_TRAIN_ROWS = 65_536  # rows whose per-dimension range trains an 8-bit scalar quantizer
 _MIN_SHARD_ROWS = 1_000  # rows whose codes an on-disk build holds at a time, at the least
 _BUDGET_SHARE = 0.8  # of the budget for the index itself; the rest for the block being added, the sample…
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
@@ -118,11 +124,11 @@ def plan_index(count: int, dim: int, *, kind: str = "auto", max_memory: int | No
     flat_bytes = count * dim * 4
     ivf_bytes = flat_bytes + count * 8 + nlist * dim * 4
     if kind == "auto":
-        kind = "flat" if count < FLAT_MAX_ROWS else "ivf" if ivf_bytes <= room else "ivfpq"
+        kind = "flat" if count < FLAT_MAX_ROWS else "ivf" if ivf_bytes + count * LIST_NUMBER_BYTES <= room else "ivfpq"
     if kind == "flat":
         return IndexPlan("flat", "Flat", None, None, False, 0, flat_bytes, budget)
     if kind == "hnsw":
-        return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", None, None, False, 0, flat_bytes + count * HNSW_M * 8, budget)
+        return _plan_hnsw(count, dim, budget, room)
     train = _train_rows(count, nlist, dim, budget)
     nlist = min(nlist, max(1, train // 30))  # every list gets ≥ 30 training points
     if kind == "ivf":
@@ -135,7 +141,7 @@ def _plan_pq(count: int, dim: int, nlist: int, train: int, budget: int, room: in
     for m in _code_sizes(dim):
         opq = dim // m >= 16
         size = count * (m + 8) + fixed + (dim * dim * 4 if opq else 0)
-        if size <= room:
+        if size + count * LIST_NUMBER_BYTES <= room:
             factory = (f"OPQ{m}," if opq else "") + f"{_ivf(nlist, count)},PQ{m}"
             return IndexPlan("ivfpq", factory, nlist, m, opq, train, size, budget)
     return _plan_on_disk(count, dim, nlist, train, budget, room, fixed)
@@ -155,6 +161,22 @@ def _plan_on_disk(count: int, dim: int, nlist: int, train: int, budget: int, roo
         )
     factory = (f"OPQ{m}," if opq else "") + f"{_ivf(nlist, count)},PQ{m}"
     return IndexPlan("ivfpq", factory, nlist, m, opq, train, resident, budget, True, shard_rows, count * (m + 8))
+
+
+def _plan_hnsw(count: int, dim: int, budget: int, room: int) -> IndexPlan:
+    """An HNSW graph over the most precise vectors that fit beside its links: float32, float16, or
+    one byte a dimension (a scalar quantizer trained on a sample). The whole graph is in memory."""
+    links = count * HNSW_M * 2 * 4  # the bottom layer's 2·M int32 neighbours a row (upper layers add ~1/M)
+    for codes, width in (("Flat", 4), ("SQfp16", 2), ("SQ8", 1)):
+        size = count * dim * width + links
+        if size <= room:
+            train = min(count, _SQ_TRAIN_ROWS) if codes == "SQ8" else 0
+            return IndexPlan("hnsw", f"HNSW{HNSW_M},{codes}", None, None, False, train, size, budget)
+    raise MmcliError(
+        f"--kind hnsw: an HNSW graph over {count:,} rows keeps its links and at least one byte a dimension in "
+        f"memory, about {_human(int((count * dim + links) / _BUDGET_SHARE))}; give more memory, or build "
+        "--kind auto (IVF-PQ, inverted lists on disk if need be)"
+    )
 
 
 def _code_sizes(dim: int) -> list[int]:

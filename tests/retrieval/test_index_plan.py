@@ -51,6 +51,57 @@ def test_the_plan_follows_the_budget():
         plan_index(100_000_000, 512, max_memory=600_000)  # not even the codebooks fit
 
 
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ8", "OPQ4,IVF64,PQ4"])
+def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory):
+    import faiss
+
+    trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(rows[:5_000])
+    sized, plain = faiss.clone_index(trained), faiss.clone_index(trained)
+    skip = np.array([3, 700, 19_999])
+    ann._add_rows(faiss, sized, rows, skip=skip, later=rows[skip])
+    for start in range(0, len(rows), 4_096):  # FAISS's own add, block by block, the same rows in order
+        block = rows[start : start + 4_096]
+        plain.add(block[~np.isin(np.arange(start, start + len(block)), skip)])
+    assert sized.ntotal == plain.ntotal == len(rows) - len(skip)
+    a, b = faiss.extract_index_ivf(sized).invlists, faiss.extract_index_ivf(plain).invlists
+    for list_no in range(64):
+        assert a.list_size(list_no) == b.list_size(list_no)
+        size = a.list_size(list_no) * a.code_size
+        assert (
+            faiss.rev_swig_ptr(a.get_codes(list_no), size).tobytes()
+            == faiss.rev_swig_ptr(b.get_codes(list_no), size).tobytes()
+        )
+        ids = [faiss.rev_swig_ptr(x.get_ids(list_no), a.list_size(list_no)).tolist() for x in (a, b)]
+        assert ids[0] == ids[1]
+    sized.add(rows[skip])  # the held-out rows join after tuning, into the room kept for them
+    assert sized.ntotal == len(rows)
+
+
+def test_an_hnsw_graph_keeps_the_most_precise_vectors_that_fit():
+    gib, links = 1 << 30, 1_000_000 * 32 * 2 * 4  # 2·M int32 neighbours a row
+    for budget, codes, width in ((4 * gib, "Flat", 4), (2 * gib, "SQfp16", 2), (gib, "SQ8", 1)):
+        plan = plan_index(1_000_000, 512, kind="hnsw", max_memory=budget)
+        assert (plan.kind, plan.factory) == ("hnsw", f"HNSW32,{codes}")
+        assert plan.index_bytes == 1_000_000 * 512 * width + links <= 0.8 * budget
+        assert plan.train_rows == (65_536 if codes == "SQ8" else 0)
+    with pytest.raises(MmcliError, match="--kind hnsw: an HNSW graph over 1,000,000 rows .* give more memory"):
+        plan_index(1_000_000, 512, kind="hnsw", max_memory=gib // 2)  # 0.77 GB of links and bytes > 0.4 GiB
+
+
+def test_an_hnsw_graph_of_one_byte_codes_under_a_small_budget(rows, tmp_path):
+    path = write(tmp_path / "emb.npy", rows)
+    budget = 7_500_000  # room 6.0 MB: 5.1 MB of links + 0.6 MB of bytes fit, float16 rows (1.3 MB) do not
+    fi = ann.build_faiss(ix.open_index(path), kind="hnsw", path=path + ".faiss", max_memory=budget)
+    assert fi.params["factory"] == "HNSW32,SQ8" and fi.recall_at_10 >= 0.95
+    queries = clustered(300, 32, 7)
+    truth = ix.search_exact(ix.open_index(path), queries, 10)[1]
+    assert ix.recall_at_k(ann.search_faiss(fi, queries, 10)[1], truth) >= 0.93
+    again = ann.load_or_build_faiss(ix.open_index(path), kind="hnsw")
+    assert not again.built and again.params["efSearch"] == fi.params["efSearch"]
+    np.testing.assert_array_equal(ann.search_faiss(again, queries, 10)[1], ann.search_faiss(fi, queries, 10)[1])
+
+
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
     """Rows (or, with another seed, queries) around the same 200 centres."""
     centers = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
