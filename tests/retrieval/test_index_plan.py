@@ -52,19 +52,30 @@ def test_the_plan_follows_the_budget():
 
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ8", "OPQ4,IVF64,PQ4"])
-def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory):
+def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory, monkeypatch):
     import faiss
 
     trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
     trained.train(rows[:5_000])
     sized, plain = faiss.clone_index(trained), faiss.clone_index(trained)
     skip = np.array([3, 700, 19_999])
+    a = faiss.extract_index_ivf(sized).invlists
+    reserved, size_lists = {}, ann._sized_lists
+    buffers = lambda: {n: int(a.get_codes(n) or 0) for n in range(64)}  # noqa: E731 - where each list's codes are
+
+    def sized_lists(*args):
+        lists = size_lists(*args)
+        reserved.update(buffers())
+        return lists
+
+    monkeypatch.setattr(ann, "_sized_lists", sized_lists)
     ann._add_rows(faiss, sized, rows, skip=skip, later=rows[skip])
+    assert len(reserved) == 64 and buffers() == reserved  # no list was moved to a larger buffer
     for start in range(0, len(rows), 4_096):  # FAISS's own add, block by block, the same rows in order
         block = rows[start : start + 4_096]
         plain.add(block[~np.isin(np.arange(start, start + len(block)), skip)])
     assert sized.ntotal == plain.ntotal == len(rows) - len(skip)
-    a, b = faiss.extract_index_ivf(sized).invlists, faiss.extract_index_ivf(plain).invlists
+    b = faiss.extract_index_ivf(plain).invlists
     for list_no in range(64):
         assert a.list_size(list_no) == b.list_size(list_no)
         size = a.list_size(list_no) * a.code_size
@@ -75,7 +86,29 @@ def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory):
         ids = [faiss.rev_swig_ptr(x.get_ids(list_no), a.list_size(list_no)).tolist() for x in (a, b)]
         assert ids[0] == ids[1]
     sized.add(rows[skip])  # the held-out rows join after tuning, into the room kept for them
-    assert sized.ntotal == len(rows)
+    assert sized.ntotal == len(rows) and buffers() == reserved
+
+
+def test_an_hnsw_graph_built_into_reserved_room_holds_what_a_plain_add_makes(rows):
+    import faiss
+
+    sized, plain = (faiss.index_factory(32, "HNSW32,SQfp16", faiss.METRIC_INNER_PRODUCT) for _ in range(2))
+    ann._reserve_graph(faiss, sized, len(rows))
+    where = lambda index: (int(faiss.downcast_index(index.storage).codes.data()), int(index.hnsw.neighbors.data()))  # noqa: E731
+    reserved = where(sized)
+    ann._add_rows(faiss, sized, rows, skip=np.zeros(0, np.int64))
+    assert where(sized) == reserved  # neither the vectors nor the links were moved to a larger buffer
+    for start in range(0, len(rows), 4_096):
+        plain.add(rows[start : start + 4_096])
+    assert sized.ntotal == plain.ntotal == len(rows)
+    codes = [faiss.downcast_index(x.storage).codes for x in (sized, plain)]
+    assert codes[0].size() == len(rows) * 64  # float16: 2 bytes a dimension
+    assert (
+        faiss.rev_swig_ptr(codes[0].data(), codes[0].size()).tobytes()
+        == faiss.rev_swig_ptr(codes[1].data(), codes[1].size()).tobytes()
+    )
+    assert sized.hnsw.neighbors.size() == sized.hnsw.offsets.at(len(rows))  # links sized by FAISS, not by the reserve
+    assert ix.recall_at_k(sized.search(rows[:200], 10)[1], plain.search(rows[:200], 10)[1]) >= 0.95
 
 
 def test_an_hnsw_graph_keeps_the_most_precise_vectors_that_fit():
