@@ -421,8 +421,9 @@ def _kept_blocks(embeddings: Embeddings, skip: np.ndarray):
 def _exact_ids_without(embeddings: Embeddings, queries: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
     """Exact top-``k`` ids of ``queries`` among the rows not in ``excluded``."""
     # Smaller blocks than a search's default: the score matrix and argpartition's ids of 200 queries
-    # over 262k rows would add ~0.7 GB to the build's peak.
-    ids = search_exact(embeddings, queries, k + len(excluded), chunk_rows=65_536, release=True)[1]
+    # over 262k rows would add ~0.7 GB to the build's peak; and NumPy alone: importing torch to widen
+    # float16 rows would add ~0.45 GiB of libraries.
+    ids = search_exact(embeddings, queries, k + len(excluded), chunk_rows=65_536, release=True, numpy_only=True)[1]
     if not len(excluded):
         return ids
     return np.stack([row[~np.isin(row, excluded)][:k] for row in ids]) if len(ids) else ids[:, :k]

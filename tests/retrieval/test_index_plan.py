@@ -111,6 +111,28 @@ def test_an_hnsw_graph_built_into_reserved_room_holds_what_a_plain_add_makes(row
     assert ix.recall_at_k(sized.search(rows[:200], 10)[1], plain.search(rows[:200], 10)[1]) >= 0.95
 
 
+def test_a_build_leaves_torch_unloaded(rows, tmp_path):
+    # torch's libraries are ~0.45 GiB resident: a build under a memory budget must not pay for them.
+    path = write(tmp_path / "emb.npy", rows)  # float16 rows: their exact check widens them
+    code = (
+        "import sys; from mmcli.retrieval import faiss_index as ann, index as ix; "
+        f"fi = ann.build_faiss(ix.open_index({path!r}), kind='ivfpq', max_memory=2_000_000); "
+        "assert fi.recall_at_10 >= 0.9, fi.recall_at_10; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("queries", [1, 100])
+def test_exact_search_with_numpy_alone_equals_the_usual_one(rows, tmp_path, queries):
+    index = ix.open_index(write(tmp_path / "emb.npy", rows))
+    q = clustered(queries, 32, 5)
+    scores, ids = ix.search_exact(index, q, 10, chunk_rows=7_000, release=True, numpy_only=True)
+    want_scores, want_ids = ix.search_exact(index, q, 10)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+
+
 def test_an_hnsw_graph_keeps_the_most_precise_vectors_that_fit():
     gib, links = 1 << 30, 1_000_000 * 32 * 2 * 4  # 2·M int32 neighbours a row
     for budget, codes, width in ((4 * gib, "Flat", 4), (2 * gib, "SQfp16", 2), (gib, "SQ8", 1)):

@@ -67,14 +67,22 @@ def _release_rows(array: np.ndarray, first: int, count: int) -> None:
 
 
 def search_exact(
-    source: Index | Embeddings, queries: np.ndarray, k: int, *, chunk_rows: int = 262_144, release: bool = False
+    source: Index | Embeddings,
+    queries: np.ndarray,
+    k: int,
+    *,
+    chunk_rows: int = 262_144,
+    release: bool = False,
+    numpy_only: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` of ``queries`` (Q×D, L2-normalised) among the rows of ``source``.
 
     Scans the rows in chunks (fewer rows per chunk for large Q, so the Q×chunk score matrix
     stays under 256 MiB) and merges each chunk's top-k into a running top-k: memory never
     grows with N. float16 rows are scored in float32. Returns ``(scores, ids)``, Q×min(k, N)
-    float32 and int64, best first; equal scores are ordered by lower id.
+    float32 and int64, best first; equal scores are ordered by lower id. ``numpy_only`` widens
+    float16 rows with NumPy (slower) instead of importing torch, whose libraries alone are
+    ~0.45 GiB resident: a FAISS build under a memory budget keeps that room for the index.
     """
     embeddings = source.embeddings if isinstance(source, Index) else source
     q = query_matrix(queries, embeddings.shape[1])
@@ -86,19 +94,25 @@ def search_exact(
     rows = min(chunk_rows, max(1024, _SCORE_BUDGET // max(len(q), 1)))
     blocks = iter_row_blocks(embeddings, rows, release=release)
     if len(q) <= _FEW_QUERIES and (os.cpu_count() or 1) > 1 and not release:
-        found = _pool().map(lambda item: _block_top_k(q, item[1], k, item[0]), blocks)
+        found = _pool().map(lambda item: _block_top_k(q, item[1], k, item[0], numpy_only), blocks)
     else:
-        found = (_block_top_k(q, block, k, start) for start, block in blocks)
+        found = (_block_top_k(q, block, k, start, numpy_only) for start, block in blocks)
     for chunk_scores, chunk_ids in found:
         best_scores, best_ids = _merge_top_k(best_scores, best_ids, chunk_scores, chunk_ids, k)
     return best_scores, best_ids
 
 
-def _block_top_k(q: np.ndarray, block: np.ndarray, k: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_top_k(
+    q: np.ndarray, block: np.ndarray, k: int, start: int, numpy_only: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The top-``k`` of ``q`` in one block (ids counted from ``start``). float16 rows are widened
     to float32 a slice at a time, small enough to stay in cache, never the whole block."""
     if block.dtype == np.float32:
         scores = q @ np.asarray(block).T
+    elif numpy_only:
+        scores = np.empty((len(q), len(block)), np.float32)
+        for at in range(0, len(block), _WIDEN_ROWS):
+            scores[:, at : at + _WIDEN_ROWS] = q @ np.asarray(block[at : at + _WIDEN_ROWS], dtype=np.float32).T
     elif len(q) <= _ROUGH_QUERIES and (found := _filtered_top_k(q, block, k)) is not None:
         return found[0], found[1] + start
     else:
