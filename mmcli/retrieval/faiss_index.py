@@ -377,8 +377,7 @@ def _sized_lists(ivf, rotate, blocks, later: np.ndarray | None) -> np.ndarray:
 def _reserve_graph(faiss, fi, rows: int) -> None:
     """Room for ``rows`` in an HNSW index's vectors and links before any is added, so that neither is
     copied to a buffer twice its size as blocks are added. A row has 2·M links in the bottom layer
-    and on average M/(M-1) above it. (At 1M × 512 float16 a build still peaked near 2.4 GiB for a
-    1.3 GB graph with or without this: see docs/scale.md.)"""
+    and on average M/(M-1) above it."""
     storage = faiss.downcast_index(fi.storage)
     for vector, size in ((storage.codes, rows * storage.code_size), (fi.hnsw.neighbors, rows * (2 * HNSW_M + 2))):
         vector.resize(size)  # the underlying std::vector keeps its room when shrunk back
