@@ -180,11 +180,6 @@ def _real(image: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(image)), os.path.basename(image))
 
 
-def text_file_items(path: Path) -> list[Item]:
-    """One item per non-blank line of a UTF-8 text file (surrounding spaces dropped)."""
-    return [Item(text, text) for text in text_file_lines(path)[0]]
-
-
 def text_file_lines(path: Path) -> tuple[list[str], int]:
     """The non-blank lines of a UTF-8 text file (surrounding spaces dropped), and how many lines were
     blank: a blank line has no text to embed, and the caller reports the count rather than hiding it."""
