@@ -194,7 +194,8 @@ def _train_rows(count: int, nlist: int, dim: int, budget: int) -> int:
 
 def _ivf(nlist: int, count: int) -> str:
     """The coarse quantizer: exact over the centroids, or an HNSW graph of them past a million rows,
-    where assigning every row to one of thousands of centroids by brute force dominates the build."""
+    which finds one query's lists without scanning thousands of centroids. (A build assigns its rows
+    by an exact search all the same: for a block of rows that is a matrix product, and faster.)"""
     return f"IVF{nlist}_HNSW32" if count >= HNSW_QUANTIZER_ROWS else f"IVF{nlist}"
 
 

@@ -37,18 +37,24 @@ def quiet_stdout() -> Iterator[None]:
 
 
 def write_shards(
-    fresh: Callable[[], Any], blocks: Iterable[np.ndarray], shard_rows: int, folder: str, *, first_label: int = 0
+    fresh: Callable[[], Any],
+    add: Callable[[Any, np.ndarray, np.ndarray], None],
+    blocks: Iterable[np.ndarray],
+    shard_rows: int,
+    folder: str,
+    *,
+    first_label: int = 0,
 ) -> list[str]:
-    """Add float32 ``blocks`` to copies of a trained, empty index made by ``fresh``, labelled
-    ``first_label`` onwards, writing a shard file to ``folder`` each time one holds ``shard_rows``
-    rows (and one for the rest). Returns the files in order."""
+    """Add float32 ``blocks`` to copies of a trained, empty index made by ``fresh`` (``add(shard,
+    rows, labels)``), labelled ``first_label`` onwards, writing a shard file to ``folder`` each time
+    one holds ``shard_rows`` rows (and one for the rest). Returns the files in order."""
     files: list[str] = []
     shard, label = None, first_label
     for block in blocks:
         while len(block):
             shard = fresh() if shard is None else shard
             part, block = block[: shard_rows - shard.ntotal], block[shard_rows - shard.ntotal :]
-            shard.add_with_ids(part, np.arange(label, label + len(part), dtype=np.int64))
+            add(shard, part, np.arange(label, label + len(part), dtype=np.int64))
             label += len(part)
             if shard.ntotal >= shard_rows:
                 files.append(_write(shard, folder, first_label, len(files)))

@@ -89,6 +89,26 @@ def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory, monkeypatc
     assert sized.ntotal == len(rows) and buffers() == reserved
 
 
+def test_rows_go_to_the_list_of_their_nearest_centroid_when_the_quantizer_is_a_graph(rows):
+    import faiss
+
+    trained = faiss.index_factory(32, "IVF256_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    trained.train(rows[:10_000])
+    ivf = faiss.extract_index_ivf(trained)
+    graph = faiss.downcast_index(ivf.quantizer)
+    graph.hnsw.efSearch = 1  # a graph searched this shallowly misses many rows' nearest centroid
+    centroids = graph.reconstruct_n(0, graph.ntotal)
+    nearest = np.argmax(rows @ centroids.T, axis=1)  # brute force, NumPy
+    assert (graph.assign(rows, 1).ravel() != nearest).sum() > 100
+    assert np.array_equal(ann._list_finder(faiss, ivf).assign(rows, 1).ravel(), nearest)
+    built = faiss.clone_index(trained)
+    ann._add_rows(faiss, built, rows, skip=np.zeros(0, np.int64))
+    lists = faiss.extract_index_ivf(built).invlists
+    for list_no in range(256):
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), lists.list_size(list_no))
+        assert np.array_equal(np.sort(ids), np.flatnonzero(nearest == list_no))
+
+
 def test_an_hnsw_graph_built_into_reserved_room_holds_what_a_plain_add_makes(rows):
     import faiss
 
