@@ -44,6 +44,7 @@ from mmcli.retrieval.index_plan import (
     HNSW_M,
     RERANK_FACTOR,
     IndexPlan,
+    block_rows,
     plan_index,
 )
 
@@ -62,10 +63,8 @@ _PLATEAU = 0.002  # recall gained over two more ladder steps below which tuning 
 _QUANTIZER_EF = 128  # HNSW coarse quantizer's search depth: FAISS's 16 missed a query's nearest list ~4% of the time
 _RECALL_QUERIES = 200
 _HNSW_EF_CONSTRUCTION = 80
-_ADD_BLOCK_BYTES = 128 << 20  # rows added at a time, as float32
 _KMEANS_ITERATIONS = 10  # FAISS's default is 25; the coarse centroids change little after 10 (and 10M rows need hours)
 _FINGERPRINT_BYTES = 1 << 20
-_SAMPLE_REGION_ROWS = 65_536
 
 
 @dataclass
@@ -130,15 +129,17 @@ def build_faiss(
     """
     faiss = _import_faiss()
     plan = plan_index(len(index), index.dim, kind=kind, max_memory=max_memory)
+    block = block_rows(plan.budget, index.dim)
     start = time.perf_counter()
-    fi, params = _new_faiss_index(faiss, plan, index.embeddings)
+    fi, params = _new_faiss_index(faiss, plan, index.embeddings, block)
     held_out = _held_out_rows(len(index)) if tune_queries is None else np.zeros(0, np.int64)
     queries = query_matrix(take_rows(index.embeddings, held_out) if tune_queries is None else tune_queries, index.dim)
-    exact_ids = _exact_ids_without(index.embeddings, queries, 10, held_out)
+    exact_ids = _exact_ids_without(index.embeddings, queries, 10, held_out, block)
     if plan.on_disk:
         result = _build_on_disk(faiss, plan, index, fi, params, held_out, queries, exact_ids, path)
     else:
-        _add_rows(faiss, fi, index.embeddings, skip=held_out, later=queries if held_out.size else None)
+        later = queries if held_out.size else None
+        _add_rows(faiss, fi, index.embeddings, skip=held_out, later=later, per_block=block)
         result = FaissIndex(fi, plan.kind, params, None, held_out, path, True, 0.0)
         result.rerank = index.embeddings if plan.rerank else None
         result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
@@ -160,7 +161,8 @@ def _build_on_disk(
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".building", dir=os.path.dirname(path) if path else None)
     try:
         fresh, add = (lambda: faiss.clone_index(trained)), _shard_adder(faiss, trained)
-        files = ivf_on_disk.write_shards(fresh, add, _kept_blocks(index.embeddings, held_out), plan.shard_rows, staging)
+        blocks = _kept_blocks(index.embeddings, held_out, block_rows(plan.budget, index.dim))
+        files = ivf_on_disk.write_shards(fresh, add, blocks, plan.shard_rows, staging)
         kept = ivf_on_disk.ShardLists(faiss, files)
         view = ivf_on_disk.StackedView(faiss, trained, kept)
         result = FaissIndex(view.index, plan.kind, {**params, "on_disk": True}, None, held_out, path, True, 0.0)
@@ -266,8 +268,9 @@ def _import_faiss():
     return faiss
 
 
-def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[Any, dict]:
-    """An empty (trained) index for ``plan`` and its build parameters."""
+def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings, block: int) -> tuple[Any, dict]:
+    """An empty (trained) index for ``plan`` and its build parameters; its sample is read ``block``
+    rows at a time."""
     dim = embeddings.shape[1]
     if plan.kind == "flat":
         return faiss.IndexFlatIP(dim), {}
@@ -275,7 +278,7 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
     if plan.kind == "hnsw":
         fi.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
         if plan.train_rows:  # an 8-bit scalar quantizer learns each dimension's range
-            fi.train(_sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows)))
+            fi.train(_sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows), block))
         return fi, {
             "M": HNSW_M,
             "efConstruction": _HNSW_EF_CONSTRUCTION,
@@ -290,7 +293,7 @@ def _new_faiss_index(faiss, plan: IndexPlan, embeddings: Embeddings) -> tuple[An
         # Hamming-distance filtering), which mmcli's search never uses: 45 s of a 20k-row build.
         codes.do_polysemous_training = False
     _set_quantizer_ef(faiss, ivf, _QUANTIZER_EF)  # training finds the sample's lists (PQ trains on residuals)
-    sample = _sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows))
+    sample = _sample_rows(embeddings, _sample_ids(len(embeddings), plan.train_rows), block)
     fi.train(sample)
     del sample  # the budget's room for the sample is the codes' room next
     params = {"nlist": plan.nlist, "factory": plan.factory, "train_rows": plan.train_rows}
@@ -304,12 +307,12 @@ def _sample_ids(count: int, size: int) -> np.ndarray:
     return np.sort(np.random.default_rng(1).choice(count, size=size, replace=False))
 
 
-def _sample_rows(embeddings: Embeddings, rows: np.ndarray) -> np.ndarray:
-    """float32 copies of the sorted ``rows``, read a region of the file at a time and each region's
+def _sample_rows(embeddings: Embeddings, rows: np.ndarray, region: int) -> np.ndarray:
+    """float32 copies of the sorted ``rows``, read ``region`` rows of the file at a time and each region's
     pages handed back before the next: a random sample touches pages all over the file, and at
     10M rows they would otherwise stay resident as GBs of the process's memory."""
     sample = np.empty((len(rows), embeddings.shape[1]), np.float32)
-    for start, block in iter_row_blocks(embeddings, _SAMPLE_REGION_ROWS, release=True):
+    for start, block in iter_row_blocks(embeddings, region, release=True):
         first, last = np.searchsorted(rows, [start, start + len(block)])
         sample[first:last] = block[rows[first:last] - start]
     return sample
@@ -328,8 +331,10 @@ def _held_out_rows(count: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, size=size, replace=False))
 
 
-def _add_rows(faiss, fi, embeddings: Embeddings, *, skip: np.ndarray, later: np.ndarray | None = None) -> None:
-    """Add every row but ``skip`` to ``fi``, in row order.
+def _add_rows(
+    faiss, fi, embeddings: Embeddings, *, skip: np.ndarray, later: np.ndarray | None = None, per_block: int = 65_536
+) -> None:
+    """Add every row but ``skip`` to ``fi``, in row order, ``per_block`` rows at a time.
 
     An IVF index's inverted lists grow by doubling (``std::vector``) when rows are added block by
     block, so they can hold twice the codes' memory. Instead every row's list is found first (the
@@ -341,13 +346,13 @@ def _add_rows(faiss, fi, embeddings: Embeddings, *, skip: np.ndarray, later: np.
     if ivf is None:
         if hasattr(fi, "hnsw"):
             _reserve_graph(faiss, fi, len(embeddings))
-        for block in _kept_blocks(embeddings, skip):
+        for block in _kept_blocks(embeddings, skip, per_block):
             fi.add(block)
         return
     rotate = _pre_transform(faiss, fi)
-    lists = _sized_lists(ivf, _list_finder(faiss, ivf), rotate, _kept_blocks(embeddings, skip), later)
+    lists = _sized_lists(ivf, _list_finder(faiss, ivf), rotate, _kept_blocks(embeddings, skip, per_block), later)
     at = 0
-    for block in _kept_blocks(embeddings, skip):
+    for block in _kept_blocks(embeddings, skip, per_block):
         _add_to_lists(faiss, fi, ivf, rotate(block), lists[at : at + len(block)])
         at += len(block)
 
@@ -431,22 +436,23 @@ def _pre_transform(faiss, fi):
     return rotate
 
 
-def _kept_blocks(embeddings: Embeddings, skip: np.ndarray):
-    """Every row but ``skip``, in row order, as float32 blocks of about 128 MB (shard after shard),
+def _kept_blocks(embeddings: Embeddings, skip: np.ndarray, rows: int):
+    """Every row but ``skip``, in row order, as float32 blocks of ``rows`` rows (shard after shard),
     each block's pages of the memory map handed back once the next is asked for."""
     keep = np.ones(len(embeddings), dtype=bool)
     keep[skip] = False
-    rows = max(1024, _ADD_BLOCK_BYTES // (4 * embeddings.shape[1]))
     for start, block in iter_row_blocks(embeddings, rows, release=True):
         yield np.ascontiguousarray(block[keep[start : start + len(block)]], dtype=np.float32)
 
 
-def _exact_ids_without(embeddings: Embeddings, queries: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
-    """Exact top-``k`` ids of ``queries`` among the rows not in ``excluded``."""
+def _exact_ids_without(
+    embeddings: Embeddings, queries: np.ndarray, k: int, excluded: np.ndarray, block: int
+) -> np.ndarray:
+    """Exact top-``k`` ids of ``queries`` among the rows not in ``excluded``, ``block`` rows at a time."""
     # Smaller blocks than a search's default: the score matrix and argpartition's ids of 200 queries
     # over 262k rows would add ~0.7 GB to the build's peak; and NumPy alone: importing torch to widen
     # float16 rows would add ~0.45 GiB of libraries.
-    ids = search_exact(embeddings, queries, k + len(excluded), chunk_rows=65_536, release=True, numpy_only=True)[1]
+    ids = search_exact(embeddings, queries, k + len(excluded), chunk_rows=block, release=True, numpy_only=True)[1]
     if not len(excluded):
         return ids
     return np.stack([row[~np.isin(row, excluded)][:k] for row in ids]) if len(ids) else ids[:, :k]

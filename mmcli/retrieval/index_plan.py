@@ -48,7 +48,9 @@ RERANK_FACTOR = 20
 
 _SQ_TRAIN_ROWS = 65_536  # rows whose per-dimension range trains an 8-bit scalar quantizer
 _MIN_SHARD_ROWS = 1_000  # rows whose codes an on-disk build holds at a time, at the least
-_BUDGET_SHARE = 0.8  # of the budget for the index itself; the rest for the block being added, the sample…
+_BUDGET_SHARE = 0.8  # of the budget for the index; the rest for the process and its blocks of rows (block_rows)
+_BLOCK_SHARE = 16  # a block of rows as float32 is at most this fraction of the budget
+_MAX_BLOCK_ROWS = 65_536
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
 
 
@@ -107,6 +109,15 @@ def default_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return 4 << 30
+
+
+def block_rows(budget: int, dim: int) -> int:
+    """Rows a build reads, widens, adds or scores at a time: 65,536, or fewer where that many as
+    float32 would be more than a sixteenth of the budget (2 GB: 65,536 rows of 512 dimensions, 128 MB;
+    256 MB: 8,192 rows). The exact check scores a block per core, the add holds one float32 block
+    and the float16 pages it came from, so blocks stay within the fifth of the budget the index does
+    not get."""
+    return max(1_024, min(_MAX_BLOCK_ROWS, budget // _BLOCK_SHARE // (dim * 4)))
 
 
 def ivf_lists(count: int) -> int:

@@ -15,7 +15,7 @@ import pytest
 from mmcli.errors import MmcliError
 from mmcli.retrieval import faiss_index as ann
 from mmcli.retrieval import index as ix
-from mmcli.retrieval.index_plan import parse_memory, plan_index
+from mmcli.retrieval.index_plan import block_rows, parse_memory, plan_index
 
 META = {"model": {"ref": "m", "arch": "a", "checksum": "c"}, "modality": "text"}
 
@@ -306,3 +306,26 @@ def test_rows_read_by_pread_equal_rows_taken_through_the_memory_map(rows, tmp_pa
         got = ix.read_rows(embeddings, wanted)
         assert got.dtype == embeddings.dtype
         np.testing.assert_array_equal(got, ix.take_rows(embeddings, wanted))
+
+
+def test_a_build_reads_and_scores_rows_in_blocks_that_follow_the_budget(rows, tmp_path, monkeypatch):
+    assert block_rows(2 << 30, 512) == 65_536  # 128 MB of float32 rows: a sixteenth of 2 GiB
+    assert block_rows(256 << 20, 512) == 8_192  # 16 MB
+    assert block_rows(1 << 30, 32) == 65_536 and block_rows(2 << 20, 32) == 1_024  # never fewer
+    read, scored = [], []
+    iter_blocks, exact = ann.iter_row_blocks, ann.search_exact
+
+    def iter_row_blocks(embeddings, rows, **kw):
+        read.append(rows)
+        return iter_blocks(embeddings, rows, **kw)
+
+    def search_exact(*args, chunk_rows, **kw):
+        scored.append(chunk_rows)
+        return exact(*args, chunk_rows=chunk_rows, **kw)
+
+    monkeypatch.setattr(ann, "iter_row_blocks", iter_row_blocks)
+    monkeypatch.setattr(ann, "search_exact", search_exact)
+    budget = 3 << 20  # 20k × 32 float32 rows (2.6 MB) exceed 0.8 × 3 MB: IVF-PQ, blocks of 3 MB / 16 / 128 B
+    fi = ann.build_faiss(ix.open_index(write(tmp_path / "emb.npy", rows)), max_memory=budget)
+    assert fi.kind == "ivfpq" and set(read) == set(scored) == {1_536}
+    assert len(read) == 3  # the training sample, then each row's list, then its codes
