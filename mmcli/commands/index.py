@@ -15,7 +15,7 @@ def build(index_path: str, *, max_memory: str | None = None, kind: str = "auto")
     from mmcli.retrieval.index_plan import default_budget, parse_memory
 
     budget = parse_memory(max_memory) if max_memory else default_budget()
-    index = ix.open_index(index_path)
+    index = ix.open_index(index_path, items=False)
     fi = ann.build_faiss(index, kind=kind, path=index.path + ".faiss", max_memory=budget)
     return {
         "index": os.path.abspath(index.path),

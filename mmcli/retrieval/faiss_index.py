@@ -509,14 +509,18 @@ def _fingerprint(index: Index) -> str:
     """sha256 over each .npy's size, first MiB and sidecar creation time.
 
     Hashing whole files would take seconds at 1M rows; every rewrite by IndexWriter changes
-    the creation time, and size + header + first rows catch most other edits.
+    the creation time, and size + header + first rows catch most other edits. The creation times
+    are those read when the index was opened (a sidecar read again would be ~0.7 GB of item names
+    parsed at 10M rows).
     """
     digest = hashlib.sha256()
-    for path in index.files or (index.path,):
+    files = index.files or (index.path,)
+    created = index.created or tuple(read_sidecar(path).get("created") for path in files)
+    for path, when in zip(files, created):
         with open(path, "rb") as f:
             digest.update(f.read(_FINGERPRINT_BYTES))
         digest.update(str(os.path.getsize(path)).encode())
-        digest.update(json.dumps(read_sidecar(path).get("created")).encode())
+        digest.update(json.dumps(when).encode())
     return "sha256:" + digest.hexdigest()
 
 

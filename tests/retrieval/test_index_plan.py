@@ -227,6 +227,19 @@ def test_shards_build_the_index_of_their_concatenation(rows, tmp_path):
     np.testing.assert_array_equal(ann.search_faiss(a, queries, 10)[1], ann.search_faiss(b, queries, 10)[1])
 
 
+def test_an_index_opened_without_its_items_keeps_none_and_fingerprints_the_same(rows, tmp_path):
+    base = tmp_path / "emb.npy"
+    for rank, part in enumerate((rows[:7_000], rows[7_000:])):
+        write(ix.shard_path(str(base), rank, 2), part)
+    full, lean = ix.open_index(str(base)), ix.open_index(str(base), items=False)
+    assert len(full.items) == len(rows) and "items" not in lean.meta and len(lean) == len(rows)
+    with pytest.raises(ValueError, match="without its items"):
+        _ = lean.items
+    assert lean.created == full.created == tuple(ix.read_sidecar(f)["created"] for f in full.files)
+    unread = ix.Index(full.path, full.embeddings, full.meta, full.files)  # no creation times: the sidecars are read
+    assert ann._fingerprint(lean) == ann._fingerprint(full) == ann._fingerprint(unread)
+
+
 def test_index_build_command_and_retrieve_use_the_same_file(rows, tmp_path):
     from mmcli.commands.index import build
 

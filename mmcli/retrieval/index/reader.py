@@ -121,17 +121,21 @@ class Index:
 
     ``embeddings`` is the N×D read-only memmap (a :class:`RowConcat` of memmaps for shards),
     ``meta`` the sidecar (for shards: the first one's, with count, items and skipped of all),
-    ``items`` row → relative path or text.
+    ``items`` row → relative path or text (absent when opened with ``items=False``), ``created``
+    each file's sidecar creation time.
     """
 
     path: str
     embeddings: Embeddings
     meta: dict = field(repr=False)
     files: tuple[str, ...] = ()
+    created: tuple = ()
 
     @property
     def items(self) -> list[str]:
         """Row → item (relative path or text)."""
+        if "items" not in self.meta:
+            raise ValueError(f"{self.path} was opened without its items")
         return self.meta["items"]
 
     def item_path(self, item: str) -> str:
@@ -169,16 +173,23 @@ class Index:
         return self.embeddings.shape[0]
 
 
-def open_index(path: str | os.PathLike) -> Index:
-    """Open the index at ``path`` (``emb.npy``; shards are found from that base name)."""
+def open_index(path: str | os.PathLike, *, items: bool = True) -> Index:
+    """Open the index at ``path`` (``emb.npy``; shards are found from that base name).
+
+    ``items=False`` checks the items but keeps none of them: a FAISS build needs only the rows, and
+    10M item names held as Python strings are ~0.7 GB of its memory.
+    """
     path = _check_npy_path(path)
     files = _index_files(path)
-    opened = [_open_one(f) for f in files]
-    if len(opened) == 1:
-        array, meta = opened[0]
-        return Index(path, array, meta, tuple(files))
-    arrays, metas = zip(*opened)
-    return Index(path, RowConcat(list(arrays)), _merge_shard_meta(files, list(metas)), tuple(files))
+    arrays, metas = [], []
+    for file in files:
+        array, meta = _open_one(file)
+        arrays.append(array)
+        metas.append(meta if items else {k: v for k, v in meta.items() if k != "items"})
+    created = tuple(meta.get("created") for meta in metas)
+    if len(files) == 1:
+        return Index(path, arrays[0], metas[0], tuple(files), created)
+    return Index(path, RowConcat(arrays), _merge_shard_meta(files, metas), tuple(files), created)
 
 
 def _index_files(path: str) -> list[str]:
@@ -254,7 +265,8 @@ def _merge_shard_meta(files: list[str], metas: list[dict]) -> dict:
                 raise MmcliError(f"{path}: {key} differs from {files[0]}; these shards are not one index")
     merged = {k: v for k, v in metas[0].items() if k != "shard"}
     merged["count"] = sum(m["count"] for m in metas)
-    merged["items"] = [item for m in metas for item in m["items"]]
+    if all("items" in m for m in metas):
+        merged["items"] = [item for m in metas for item in m["items"]]
     merged["skipped"] = [s for m in metas for s in m.get("skipped", [])]
     merged["shards"] = [os.path.basename(f) for f in files]
     return merged
