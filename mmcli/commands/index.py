@@ -36,6 +36,12 @@ def build(index_path: str, *, max_memory: str | None = None, kind: str = "auto")
 
 
 def _peak_rss() -> int:
-    # ru_maxrss is in kilobytes on Linux, bytes on macOS
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak resident size in bytes. On Linux, VmHWM: the peak of this program's own
+    memory (ru_maxrss also counts the parent's pages a child held between fork and exec, so a
+    build started by a large process reported that process's size)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        return peak if sys.platform == "darwin" else peak * 1024

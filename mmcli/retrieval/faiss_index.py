@@ -65,6 +65,7 @@ _RECALL_QUERIES = 200
 _HNSW_EF_CONSTRUCTION = 80
 _KMEANS_ITERATIONS = 10  # FAISS's default is 25; the coarse centroids change little after 10 (and 10M rows need hours)
 _FINGERPRINT_BYTES = 1 << 20
+_RERANK_QUERIES = 16  # re-ranked together: 16 × 200 candidates × 512 float32 is 6.6 MB
 
 
 @dataclass
@@ -232,7 +233,19 @@ def _search(fi: FaissIndex, q: np.ndarray, k: int, *, count: int) -> tuple[np.nd
 
 def _rerank(rows: Embeddings, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each query's candidate ``ids`` by exact cosine with ``rows`` (-1: none),
-    ties to the lower row. Each distinct candidate row is read once."""
+    ties to the lower row, :data:`_RERANK_QUERIES` queries at a time: their candidates' rows as
+    float32 are then a few MB (200 queries at once, as the tuning asks, would hold ~0.2 GB)."""
+    if len(q) <= _RERANK_QUERIES:
+        return _rerank_some(rows, q, ids, k)
+    parts = [
+        _rerank_some(rows, q[i : i + _RERANK_QUERIES], ids[i : i + _RERANK_QUERIES], k)
+        for i in range(0, len(q), _RERANK_QUERIES)
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _rerank_some(rows: Embeddings, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_rerank` of a few queries; each distinct candidate row among them is read once."""
     found = ids >= 0
     unique = np.unique(ids[found])
     if not unique.size:

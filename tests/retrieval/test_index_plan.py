@@ -290,9 +290,12 @@ def test_an_on_disk_build_finds_what_the_same_index_in_memory_finds(rows, tmp_pa
 def test_index_build_json_stays_clean_of_faiss_progress_lines(rows, tmp_path):
     path = write(tmp_path / "emb.npy", rows)
     cmd = [sys.executable, "-m", "mmcli", "index", "build", path, "--max-memory", "300KB", "--json"]
+    ballast = np.ones(600 << 20, np.uint8)  # this process is 600 MB larger when it starts the build
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    del ballast
     built = json.loads(done.stdout)  # FAISS printf()s "resizing …" while merging: not into stdout
     assert built["params"]["on_disk"] and built["recall_at_10"] >= 0.9
+    assert 20 << 20 < built["peak_rss_bytes"] < 400 << 20  # the build's own peak, not its parent's pages
     assert built["lists_file"] == path + ".faiss.ivfdata" and built["lists_file_bytes"] == len(rows) * (16 + 8)
     shown = subprocess.run(cmd[:-1], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"})
     assert "lists on disk" in shown.stdout and "emb.npy.faiss.ivfdata" in shown.stdout
@@ -342,3 +345,19 @@ def test_a_build_reads_and_scores_rows_in_blocks_that_follow_the_budget(rows, tm
     fi = ann.build_faiss(ix.open_index(write(tmp_path / "emb.npy", rows)), max_memory=budget)
     assert fi.kind == "ivfpq" and set(read) == set(scored) == {1_536}
     assert len(read) == 3  # the training sample, then each row's list, then its codes
+
+
+def test_reranking_many_queries_a_few_at_a_time_orders_each_query_s_candidates_exactly(rows, tmp_path):
+    index = ix.open_index(write(tmp_path / "emb.npy", rows))
+    rng = np.random.default_rng(3)
+    q = ix.query_matrix(clustered(50, 32, 4), 32)  # more than one group of queries re-ranked together
+    ids = np.stack([rng.choice(len(rows), 40, replace=False) for _ in range(50)])
+    ids[:, -5:] = -1  # slots an approximate search could not fill
+    scores, best = ann._rerank(index.embeddings, q, ids, 10)
+    stored = np.asarray(index.embeddings, dtype=np.float32)
+    for i in range(50):  # NumPy brute force over each query's own candidates, ties to the lower row
+        candidates = ids[i][ids[i] >= 0]
+        exact = stored[candidates] @ q[i]
+        order = np.lexsort((candidates, -exact))[:10]
+        assert best[i].tolist() == candidates[order].tolist()
+        np.testing.assert_allclose(scores[i], exact[order], atol=1e-6)
