@@ -350,10 +350,10 @@ def _add_rows(
     """Add every row but ``skip`` to ``fi``, in row order, ``per_block`` rows at a time.
 
     An IVF index's inverted lists grow by doubling (``std::vector``) when rows are added block by
-    block, so they can hold twice the codes' memory. Instead every row's list is found first (the
-    coarse quantizer, as FAISS's add would), each list is given room for exactly its rows (and
-    ``later``'s, added after tuning), and the codes are then added with those lists: the same
-    index, at the cost of reading the rows twice.
+    block, so they can hold twice the codes' memory. Instead every row's list is found first (its nearest
+    centroid, :func:`_list_finder`), each list is given room for exactly its rows (and ``later``'s,
+    added after tuning), and the codes are then added with those lists: the index FAISS's add would
+    make with an exact quantizer, at the cost of reading the rows twice.
     """
     ivf = _in_memory_ivf(faiss, fi)
     if ivf is None:
