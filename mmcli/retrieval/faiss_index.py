@@ -145,7 +145,7 @@ def build_faiss(
         result.rerank = index.embeddings if plan.rerank else None
         result.params, result.recall_at_10 = _tune_search(faiss, result, queries, exact_ids)
         if held_out.size:
-            fi.add(queries)
+            _add_later(faiss, fi, queries)
     result.build_seconds = time.perf_counter() - start
     if path is not None:
         _save_faiss(faiss, result, index)
@@ -161,7 +161,7 @@ def _build_on_disk(
     name = os.path.basename(path) if path else "index.faiss"
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".building", dir=os.path.dirname(path) if path else None)
     try:
-        fresh, add = (lambda: faiss.clone_index(trained)), _shard_adder(faiss, trained)
+        fresh, add = (lambda: faiss.clone_index(trained)), _adder(faiss, trained)
         blocks = _kept_blocks(index.embeddings, held_out, block_rows(plan.budget, index.dim))
         files = ivf_on_disk.write_shards(fresh, add, blocks, plan.shard_rows, staging)
         kept = ivf_on_disk.ShardLists(faiss, files)
@@ -378,16 +378,26 @@ def _add_to_lists(faiss, fi, ivf, x: np.ndarray, lists: np.ndarray, ids: np.ndar
     fi.ntotal = ivf.ntotal  # an OPQ wrapper counts its rows apart from the IVF inside it
 
 
-def _shard_adder(faiss, trained):
-    """How the on-disk build adds rows to an empty copy of ``trained``: each row to the list
-    :func:`_list_finder` finds for it, labelled by ``ids``."""
+def _adder(faiss, trained):
+    """How rows are added to ``trained`` or an empty copy of it: each row to the list
+    :func:`_list_finder` finds for it (``add(index, rows, ids=None)``; no ids: numbered on)."""
     finder = _list_finder(faiss, faiss.extract_index_ivf(trained))
 
-    def add(shard, rows: np.ndarray, ids: np.ndarray) -> None:
-        x = _pre_transform(faiss, shard)(rows)
-        _add_to_lists(faiss, shard, faiss.extract_index_ivf(shard), x, finder.assign(x, 1).ravel(), ids)
+    def add(index, rows: np.ndarray, ids: np.ndarray | None = None) -> None:
+        x = _pre_transform(faiss, index)(rows)
+        _add_to_lists(faiss, index, faiss.extract_index_ivf(index), x, finder.assign(x, 1).ravel(), ids)
 
     return add
+
+
+def _add_later(faiss, fi, rows: np.ndarray) -> None:
+    """Add ``rows`` after the rest (the held-out rows, once tuning is done), into the room
+    :func:`_add_rows` kept for them: to the lists it counted them in, not through FAISS's add, whose
+    HNSW quantizer could pick another."""
+    if _in_memory_ivf(faiss, fi) is None:
+        fi.add(rows)
+    else:
+        _adder(faiss, fi)(fi, rows)
 
 
 def _sized_lists(ivf, finder, rotate, blocks, later: np.ndarray | None) -> np.ndarray:

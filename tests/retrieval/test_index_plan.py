@@ -85,7 +85,7 @@ def test_lists_sized_ahead_hold_what_a_plain_add_makes(rows, factory, monkeypatc
         )
         ids = [faiss.rev_swig_ptr(x.get_ids(list_no), a.list_size(list_no)).tolist() for x in (a, b)]
         assert ids[0] == ids[1]
-    sized.add(rows[skip])  # the held-out rows join after tuning, into the room kept for them
+    ann._add_later(faiss, sized, rows[skip])  # the held-out rows join after tuning, into the room kept for them
     assert sized.ntotal == len(rows) and buffers() == reserved
 
 
@@ -101,12 +101,14 @@ def test_rows_go_to_the_list_of_their_nearest_centroid_when_the_quantizer_is_a_g
     nearest = np.argmax(rows @ centroids.T, axis=1)  # brute force, NumPy
     assert (graph.assign(rows, 1).ravel() != nearest).sum() > 100
     assert np.array_equal(ann._list_finder(faiss, ivf).assign(rows, 1).ravel(), nearest)
-    built = faiss.clone_index(trained)
-    ann._add_rows(faiss, built, rows, skip=np.zeros(0, np.int64))
+    built, skip = faiss.clone_index(trained), np.arange(0, len(rows), 97)
+    ann._add_rows(faiss, built, rows, skip=skip, later=rows[skip])
+    ann._add_later(faiss, built, rows[skip])  # the held-out rows, after tuning, numbered last
+    order = np.concatenate([np.setdiff1d(np.arange(len(rows)), skip), skip])  # label → row
     lists = faiss.extract_index_ivf(built).invlists
     for list_no in range(256):
         ids = faiss.rev_swig_ptr(lists.get_ids(list_no), lists.list_size(list_no))
-        assert np.array_equal(np.sort(ids), np.flatnonzero(nearest == list_no))
+        assert np.array_equal(np.sort(order[ids]), np.flatnonzero(nearest == list_no))
 
 
 def test_an_hnsw_graph_built_into_reserved_room_holds_what_a_plain_add_makes(rows):
